@@ -1,0 +1,254 @@
+"""Plumbing shared by every explainer: input checks, targets, chunking, hooks.
+
+Nothing here knows what a ViT is (that is :mod:`captum_vit._vit`); this module
+knows Captum's conventions (tensor or tuple inputs, target forms) and how
+``captum_vit`` answers bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
+
+#: ``target`` value understood internally as "every class" (see
+#: ``attribute_all_classes``); not part of Captum's target forms.
+ALL_CLASSES = "all"
+
+
+@dataclass
+class PreparedInputs:
+    """Validated inputs of one ``attribute`` call."""
+
+    inputs: Tuple[Tensor, ...]
+    is_tuple: bool
+    additional_forward_args: Tuple[Any, ...]
+
+    @property
+    def images(self) -> Tensor:
+        return self.inputs[0]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def forward_args(self, rows: Optional[slice] = None) -> Tuple[Any, ...]:
+        """Positional arguments for ``forward_func`` for the examples ``rows``."""
+        if rows is None:
+            return (*self.inputs, *self.additional_forward_args)
+        B = self.batch_size
+        sliced = tuple(_take_rows(t, rows, B) for t in self.inputs)
+        extra = tuple(_take_rows(a, rows, B) for a in self.additional_forward_args)
+        return (*sliced, *extra)
+
+    def format(self, result: Tensor) -> TensorOrTuple:
+        return (result,) if self.is_tuple else result
+
+
+def _take_rows(value: Any, rows: slice, batch: int) -> Any:
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[rows]
+    return value
+
+
+def prepare_inputs(inputs: Any, additional_forward_args: Any = None) -> PreparedInputs:
+    """Check Captum-style ``inputs`` of an image explainer.
+
+    ``inputs`` is a ``(B, C, H, W)`` tensor or a tuple whose first element is
+    one; further tuple elements and ``additional_forward_args`` are passed to
+    ``forward_func`` (tensors with ``B`` rows are chunked with the images).
+    """
+    is_tuple = isinstance(inputs, tuple)
+    tensors = inputs if is_tuple else (inputs,)
+    if len(tensors) == 0 or not all(isinstance(t, Tensor) for t in tensors):
+        raise TypeError(
+            "inputs must be a (B, C, H, W) image tensor or a tuple of tensors whose first element "
+            f"is one; got {type(inputs).__name__}."
+        )
+    images = tensors[0]
+    if images.dim() != 4:
+        raise ValueError(
+            f"inputs must be a batch of images of shape (B, C, H, W); got shape {tuple(images.shape)}. "
+            "Add a batch dimension with images.unsqueeze(0) for a single image."
+        )
+    if images.shape[0] == 0:
+        raise ValueError("inputs is an empty batch (B = 0); pass at least one image.")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"inputs must be floating point (got {images.dtype}); convert and normalise images "
+            "as the model expects, e.g. images.float() / 255 followed by its normalisation."
+        )
+    for t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(
+                "inputs contain NaN or infinite values; clean the images (e.g. torch.nan_to_num) "
+                "before explaining them."
+            )
+    if additional_forward_args is None:
+        extra: Tuple[Any, ...] = ()
+    elif isinstance(additional_forward_args, tuple):
+        extra = additional_forward_args
+    else:
+        extra = (additional_forward_args,)
+    return PreparedInputs(tuple(tensors), is_tuple, extra)
+
+
+def check_batch_size(batch_size: Optional[int], name: str = "batch_size") -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"{name} must be a positive integer or None; got {batch_size!r}.")
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+@dataclass
+class Targets:
+    """Targets of one call, as a ``(B, k)`` index tensor (or ``None``).
+
+    ``None`` means "the predicted class", resolved once logits exist.
+    ``several`` is True when the user asked for ``k`` maps per example (a 2-D
+    target or every class); the output then has ``k`` channels, else 1.
+    """
+
+    index: Optional[Tensor]
+    several: bool
+    all_classes: bool = False
+
+    def resolve(self, logits: Tensor, rows: Optional[slice] = None) -> Tensor:
+        """The ``(n, k)`` targets of examples ``rows``, given their ``(n, C)`` logits; checked."""
+        B, C = logits.shape
+        if self.all_classes:
+            return torch.arange(C, device=logits.device).expand(B, C)
+        if self.index is None:
+            return logits.argmax(dim=1, keepdim=True)
+        index = self.index if rows is None else self.index[rows]
+        index = index.to(logits.device)
+        if index.shape[0] != B:
+            raise ValueError(f"target has {index.shape[0]} rows but the model returned {B} outputs.")
+        bad = (index < 0) | (index >= C)
+        if bad.any():
+            raise ValueError(
+                f"target {index[bad][0].item()} is out of range: the model has {C} classes, "
+                f"so targets must lie in [0, {C - 1}]."
+            )
+        return index
+
+
+def prepare_targets(target: Any, batch_size: int) -> Targets:
+    """Normalise Captum's classifier target forms.
+
+    Accepted: ``None`` (predicted class), an ``int`` (same class for every
+    example), a list of ``B`` ints, a 0-D or 1-D tensor of length 1 or ``B``
+    (one target per example), a ``(B, k)`` tensor or list of ``B`` lists
+    (``k`` maps per example), or :data:`ALL_CLASSES`.
+    """
+    if target is None:
+        return Targets(None, several=False)
+    if isinstance(target, str):
+        if target == ALL_CLASSES:
+            return Targets(None, several=True, all_classes=True)
+        raise ValueError(f"target must be a class index, a list or tensor of them, or None; got {target!r}.")
+    if isinstance(target, tuple):
+        raise TypeError(
+            "tuple targets index multi-dimensional outputs in Captum; a classifier needs an int, "
+            "a list of B ints, or a tensor of shape (B,) or (B, k)."
+        )
+    if isinstance(target, bool) or (isinstance(target, float)):
+        raise TypeError(f"target must be an integer class index; got {target!r}.")
+    if isinstance(target, int):
+        return Targets(torch.full((batch_size, 1), target, dtype=torch.long), several=False)
+    if isinstance(target, list):
+        if not all(isinstance(t, (int, list, Tensor)) and not isinstance(t, bool) for t in target):
+            raise TypeError("a list target must hold one class index (or a list of them) per example.")
+        try:
+            target = torch.as_tensor(target)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"could not read the list target as a (B,) or (B, k) index: {err}") from None
+    if not isinstance(target, Tensor):
+        raise TypeError(f"unsupported target type {type(target).__name__}; use an int, a list or a tensor.")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices; got dtype {target.dtype}.")
+    target = target.long().cpu()
+    if target.dim() == 0 or (target.dim() == 1 and target.numel() == 1):
+        return Targets(target.reshape(1, 1).expand(batch_size, 1).clone(), several=False)
+    if target.dim() == 1:
+        if target.numel() != batch_size:
+            raise ValueError(
+                f"target has {target.numel()} entries but inputs hold {batch_size} examples; "
+                "give one target per example, or a single int for all."
+            )
+        return Targets(target[:, None], several=False)
+    if target.dim() == 2:
+        if target.shape[0] != batch_size:
+            raise ValueError(
+                f"a 2-D target must have one row per example ({batch_size}); got shape {tuple(target.shape)}."
+            )
+        return Targets(target, several=True)
+    raise ValueError(f"target must be 0-, 1- or 2-D; got shape {tuple(target.shape)}.")
+
+
+def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """Scale each ``(h, w)`` map of a ``(B, k, h, w)`` tensor to ``[0, 1]``.
+
+    ``(s - min) / (max - min + eps)`` per image and per map (methods.md 1.5).
+    A constant map becomes all zeros.
+    """
+    flat = maps.flatten(2)
+    lo = flat.min(dim=2, keepdim=True).values
+    hi = flat.max(dim=2, keepdim=True).values
+    return ((flat - lo) / (hi - lo + eps)).view_as(maps)
+
+
+def output_maps(maps: Tensor, normalize: bool) -> Tensor:
+    """Final ``(B, k, h, w)`` float maps (``k = 1`` for one target per example)."""
+    maps = maps.float()
+    return minmax_normalize(maps) if normalize else maps
+
+
+class HookSet(contextlib.AbstractContextManager):
+    """Hooks registered for one call and removed when it ends, even on error."""
+
+    def __init__(self) -> None:
+        self.handles: List[RemovableHandle] = []
+
+    def add(self, handle: RemovableHandle) -> RemovableHandle:
+        self.handles.append(handle)
+        return handle
+
+    def __exit__(self, *exc: Any) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+def row_chunks(total: int, size: Optional[int]) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` rows (one slice if ``size`` is None)."""
+    step = total if size is None else max(1, size)
+    for start in range(0, total, step):
+        yield slice(start, min(start + step, total))
+
+
+def forward_logits(forward_func: Callable[..., Any], args: Tuple[Any, ...]) -> Tensor:
+    """Call ``forward_func`` and check it returned ``(N, C)`` classifier logits."""
+    out = forward_func(*args)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        out = out[0]
+    elif not isinstance(out, Tensor) and hasattr(out, "logits"):
+        out = out.logits
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"forward_func must return classifier logits of shape (N, num_classes); got {shape}."
+        )
+    return out
+
+
+def model_is_training(module: Any) -> bool:
+    return isinstance(module, nn.Module) and any(m.training for m in module.modules())

@@ -1,0 +1,180 @@
+"""LayerReciproCAM: exactness against a literal per-copy reference, both paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model
+
+from captum_vit import LayerReciproCAM
+from captum_vit.reciprocam import reciprocal_masks
+
+BINOMIAL = [[1, 2, 1], [2, 4, 2], [1, 2, 1]]
+
+
+def literal_masks(h, w, P, kernel, keep_prefix):
+    """Masks written out cell by cell (methods.md 1.2), independent of the library."""
+    masks = []
+    for i in range(h):
+        for j in range(w):
+            m = [1.0 if keep_prefix else 0.0] * P + [0.0] * (h * w)
+            if kernel == "dirac":
+                m[P + i * w + j] = 1.0
+            else:
+                for di in (-1, 0, 1):
+                    for dj in (-1, 0, 1):
+                        ii, jj = i + di, j + dj
+                        if 0 <= ii < h and 0 <= jj < w:
+                            m[P + ii * w + jj] = BINOMIAL[di + 1][dj + 1] / 16.0
+            masks.append(m)
+    return torch.tensor(masks)
+
+
+def literal_reciprocam(model, block_index, image, kernel, keep_prefix, scores):
+    """One image, one masked copy at a time, through timm's own sub-modules."""
+    with torch.no_grad():
+        x = model.patch_embed(image[None])
+        x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
+        for blk in model.blocks[:block_index]:
+            x = blk(x)
+        block = model.blocks[block_index]
+        P = model.num_prefix_tokens
+        h, w = model.patch_embed.dynamic_feat_size(tuple(image.shape[-2:]))
+        z = block.norm1(x)[0]
+        out = []
+        for mask in literal_masks(h, w, P, kernel, keep_prefix):
+            zk = (z * mask[:, None])[None]
+            y = zk + block.ls1(block.attn(zk))
+            y = y + block.ls2(block.mlp(block.norm2(y)))
+            for later in model.blocks[block_index + 1 :]:
+                y = later(y)
+            logits = model.forward_head(model.norm(y))[0]
+            out.append(logits.softmax(-1) if scores == "softmax" else logits)
+        return torch.stack(out).T.reshape(-1, h, w)  # (C, h, w)
+
+
+ALL_MODELS = ["deit_tiny", "deit_tiny_distilled", "vit_reg4", "vit_avgpool", "vit_nonsquare"]
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("block", ["last", "earlier"])
+def test_general_path_equals_literal_reference(name, block):
+    model, images = make_model(name)
+    index = len(model.blocks) - 1 if block == "last" else len(model.blocks) - 3
+    explainer = LayerReciproCAM(model, model.blocks[index])
+    targets = torch.tensor([3, 7])
+    for kernel in ("gaussian", "dirac"):
+        for keep_prefix in (True, False):
+            for scores in ("logits", "softmax"):
+                got = explainer.attribute(
+                    images, target=targets, kernel=kernel, keep_prefix_tokens=keep_prefix,
+                    scores=scores, normalize=False, path="general", batch_size=37,
+                )
+                for b in range(images.shape[0]):
+                    ref = literal_reciprocam(model, index, images[b], kernel, keep_prefix, scores)[targets[b]]
+                    torch.testing.assert_close(got[b, 0], ref, atol=1e-5, rtol=1e-5)
+
+
+FAST_MODELS = ["deit_tiny", "deit_tiny_distilled", "vit_reg4", "vit_nonsquare", "vit_qknorm_layerscale", "vit_gated"]
+
+
+@pytest.mark.parametrize("name", FAST_MODELS)
+def test_fast_path_equals_general_path(name):
+    model, images = make_model(name)
+    explainer = LayerReciproCAM(model, model.blocks[-1])
+    assert explainer.fast_path_unavailable_reason() is None
+    for kernel in ("gaussian", "dirac"):
+        for keep_prefix in (True, False):
+            kw = dict(kernel=kernel, keep_prefix_tokens=keep_prefix, scores="logits", normalize=False)
+            fast = explainer.attribute_all_classes(images, path="fast", batch_size=23, **kw)
+            general = explainer.attribute_all_classes(images, path="general", **kw)
+            torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_matches_literal_reference_at_224(deit_tiny_224):
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    explainer = LayerReciproCAM(deit_tiny_224, deit_tiny_224.blocks[-1])
+    got = explainer.attribute(images, target=4, normalize=False, path="auto")
+    assert explainer._fast_path_state == "verified"
+    ref = literal_reciprocam(deit_tiny_224, 11, images[0], "gaussian", True, "softmax")[4]
+    assert got.shape == (1, 1, 14, 14)
+    torch.testing.assert_close(got[0, 0], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, block, expected",
+    [
+        ("vit_avgpool", -1, "the head reads patch tokens"),
+        ("deit_tiny", -2, "not the last one"),
+    ],
+)
+def test_fallback_is_taken_where_fast_path_is_not_exact(name, block, expected):
+    model, images = make_model(name)
+    explainer = LayerReciproCAM(model, model.blocks[block])
+    assert expected in explainer.fast_path_unavailable_reason()
+    with pytest.raises(ValueError, match="not exact"):
+        explainer.attribute(images, path="fast")
+    auto = explainer.attribute(images, path="auto", normalize=False)
+    general = explainer.attribute(images, path="general", normalize=False)
+    torch.testing.assert_close(auto, general)
+
+
+def test_auto_falls_back_when_forward_func_reads_patch_tokens():
+    model, images = make_model("deit_tiny")
+
+    def mean_token_head(x):  # reads every token after the last block
+        return model.head(model.forward_features(x).mean(dim=1))
+
+    explainer = LayerReciproCAM(mean_token_head, model.blocks[-1], vit=model)
+    with pytest.warns(UserWarning, match="fast path disabled"):
+        auto = explainer.attribute(images, target=1, normalize=False)
+    general = explainer.attribute(images, target=1, normalize=False, path="general")
+    torch.testing.assert_close(auto, general)
+    assert explainer._fast_path_state == "unusable"
+    with pytest.raises(ValueError, match="not exact"):
+        explainer.attribute(images, path="fast")
+
+
+def test_masks_match_literal_masks():
+    for kernel in ("gaussian", "dirac"):
+        for keep in (True, False):
+            torch.testing.assert_close(
+                reciprocal_masks((3, 5), 2, kernel, keep), literal_masks(3, 5, 2, kernel, keep), atol=0, rtol=0
+            )
+    centre = reciprocal_masks((3, 3), 1)[4]
+    assert centre[1 + 4] == 0.25 and centre.sum() == 2.0  # not renormalised; prefix weight 1
+
+
+def test_normalized_maps_are_min_max_scaled():
+    model, images = make_model("vit_reg4")
+    explainer = LayerReciproCAM(model, model.blocks[-1])
+    raw = explainer.attribute(images, target=2, normalize=False)
+    maps = explainer.attribute(images, target=2)
+    flat = raw.flatten(1)
+    expected = (flat - flat.min(1, keepdim=True).values) / (
+        flat.max(1, keepdim=True).values - flat.min(1, keepdim=True).values + 1e-12
+    )
+    torch.testing.assert_close(maps.flatten(1), expected)
+    assert maps.min() >= 0 and maps.max() <= 1
+
+
+def test_chunking_does_not_change_results():
+    model, images = make_model("deit_tiny")
+    explainer = LayerReciproCAM(model, model.blocks[-2])
+    whole = explainer.attribute(images, target=[1, 2], normalize=False, batch_size=10_000)
+    for size in (1, 7, 50, 51):
+        torch.testing.assert_close(explainer.attribute(images, target=[1, 2], normalize=False, batch_size=size), whole)
+
+
+def test_all_classes_and_2d_targets_from_one_pass():
+    model, images = make_model("deit_tiny_distilled")
+    explainer = LayerReciproCAM(model, model.blocks[-1])
+    every = explainer.attribute_all_classes(images, normalize=False)
+    assert every.shape == (2, 10, 7, 7)
+    several = explainer.attribute(images, target=torch.tensor([[0, 9, 4], [2, 2, 5]]), normalize=False)
+    assert several.shape == (2, 3, 7, 7)
+    torch.testing.assert_close(several[0], every[0, [0, 9, 4]])
+    torch.testing.assert_close(several[1], every[1, [2, 2, 5]])
+    predicted = model(images).argmax(1)
+    default = explainer.attribute(images, normalize=False)
+    torch.testing.assert_close(default[:, 0], every[torch.arange(2), predicted])
