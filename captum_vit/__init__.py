@@ -10,7 +10,15 @@ Metrics live in :mod:`captum_vit.metrics`. Importing this package does not
 import matplotlib.
 """
 
+from .agcam import AttentionGuidedGradCAM
 from .reciprocam import LayerReciproCAM, reciprocal_masks
+from .rollout import AttentionRollout, GradientRollout
 
-__all__ = ["LayerReciproCAM", "reciprocal_masks"]
+__all__ = [
+    "AttentionGuidedGradCAM",
+    "AttentionRollout",
+    "GradientRollout",
+    "LayerReciproCAM",
+    "reciprocal_masks",
+]
 __version__ = "0.1.0"
