@@ -1,0 +1,183 @@
+"""Time every explainer against a plain forward pass of the same batch.
+
+    python benchmarks/speed.py --model deit_small_patch16_224 --batch 8 --device cpu
+    python benchmarks/speed.py --model deit_base_patch16_224 --batch 64 --device cuda --dtype bfloat16
+
+Methods, in order: plain forward; LayerReciproCAM fast path and general path;
+AttentionGuidedGradCAM; Attention Rollout; gradient rollout; Captum
+IntegratedGradients (n_steps=50, internal_batch_size=batch) and LayerGradCam
+on the last block's norm1 tokens reshaped to the grid; and, when
+``pytorch-grad-cam`` is installed, its ScoreCAM and AblationCAM with a ViT
+reshape transform. Weights are random (timing does not depend on them).
+Prints a Markdown table (images/s, ms/image, multiple of the forward) and
+writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import timm
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's per-batch progress bars
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from captum_vit import AttentionGuidedGradCAM, AttentionRollout, GradientRollout, LayerReciproCAM  # noqa: E402
+from captum_vit._vit import ViTStructure  # noqa: E402
+from captum_vit.baselines import integrated_gradients_map, vit_layer_gradcam  # noqa: E402
+from captum.attr import IntegratedGradients  # noqa: E402
+
+ALL = [
+    "forward", "reciprocam-fast", "reciprocam-general", "agcam", "rollout", "grad-rollout",
+    "ig", "layergradcam", "pgc-scorecam", "pgc-ablationcam",
+]
+
+
+def build_methods(model: torch.nn.Module, batch: int, copies: int) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
+    last = model.blocks[-1]
+    cam = LayerReciproCAM(model, last)
+    agcam, rollout, grad_rollout = AttentionGuidedGradCAM(model), AttentionRollout(model), GradientRollout(model)
+    ig = IntegratedGradients(model)
+    gradcam = vit_layer_gradcam(model)
+
+    def forward(x, t):
+        with torch.no_grad():
+            return model(x)
+
+    methods = {
+        "forward": forward,
+        "reciprocam-fast": lambda x, t: cam.attribute(x, target=t, path="fast"),
+        "reciprocam-general": lambda x, t: cam.attribute(x, target=t, path="general", batch_size=copies),
+        "agcam": lambda x, t: agcam.attribute(x, target=t),
+        "rollout": lambda x, t: rollout.attribute(x, target=t),
+        "grad-rollout": lambda x, t: grad_rollout.attribute(x, target=t),
+        "ig": lambda x, t: integrated_gradients_map(ig, x, t, n_steps=50, internal_batch_size=batch),
+        "layergradcam": lambda x, t: gradcam.attribute(x, target=t, relu_attributions=True),
+    }
+    methods.update(pytorch_grad_cam_methods(model, batch))
+    return methods
+
+
+def pytorch_grad_cam_methods(model: torch.nn.Module, batch: int) -> Dict[str, Callable]:
+    try:
+        from pytorch_grad_cam import AblationCAM, ScoreCAM
+        from pytorch_grad_cam.ablation_layer import AblationLayerVit
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        return {}
+    structure = ViTStructure(model)
+    P = structure.num_prefix_tokens
+
+    def reshape(tokens):
+        h, w = structure.static_grid
+        return tokens[:, P:].reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)
+
+    layers = [model.blocks[-1].norm1]
+    score = ScoreCAM(model=model, target_layers=layers, reshape_transform=reshape)
+    score.batch_size = batch
+    ablation = AblationCAM(model=model, target_layers=layers, reshape_transform=reshape,
+                           ablation_layer=AblationLayerVit(), batch_size=batch)
+
+    def run(cam):
+        return lambda x, t: cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
+
+    return {"pgc-scorecam": run(score), "pgc-ablationcam": run(ablation)}
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> List[float]:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: List[str] | None = None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name (random weights)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 = autocast")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--copies", type=int, default=None, help="general path: masked copies per call")
+    parser.add_argument("--methods", default=",".join(ALL), help=f"comma list from {','.join(ALL)}")
+    parser.add_argument("--slow-repeats", type=int, default=1, help="timed runs for pytorch-grad-cam methods")
+    parser.add_argument("--json", default=None, help="output path (default benchmarks/results/speed_*.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=1000).eval().to(device)
+    images = torch.randn(args.batch, 3, *model.patch_embed.img_size, device=device)
+    targets = torch.randint(0, 1000, (args.batch,), device=device)
+    copies = args.copies or max(256, 4 * (model.patch_embed.num_patches + 1))
+    methods = build_methods(model, args.batch, copies)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if args.dtype == "bfloat16" else contextlib.nullcontext()
+    )
+    rows = []
+    forward_s = None
+    for name in args.methods.split(","):
+        if name not in methods:
+            print(f"skipping {name}: not available (pytorch-grad-cam not installed?)", file=sys.stderr)
+            continue
+        slow = name.startswith("pgc-")
+        with autocast:
+            times = timed(lambda: methods[name](images, targets), device,
+                          args.slow_repeats if slow else args.repeats, 0 if slow else args.warmup)
+        seconds = statistics.median(times)
+        forward_s = seconds if name == "forward" else forward_s
+        rows.append({
+            "method": name, "seconds": seconds, "images_per_s": args.batch / seconds,
+            "ms_per_image": 1000 * seconds / args.batch,
+            "x_forward": seconds / forward_s if forward_s else None, "runs": len(times),
+        })
+        print(f"{name:>20}: {1000 * seconds / args.batch:9.2f} ms/image", file=sys.stderr, flush=True)
+
+    meta = {
+        "model": args.model, "batch": args.batch, "device": str(device), "dtype": args.dtype,
+        "torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "reciprocam_general_copies_per_call": copies,
+    }
+    print(f"\n{args.model}, batch {args.batch}, {device} ({meta['gpu'] or meta['threads']} "
+          f"{'' if meta['gpu'] else 'threads'}), {args.dtype}\n")
+    print("| method | images/s | ms/image | x forward |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        x = f"{r['x_forward']:.2f}" if r["x_forward"] else "-"
+        print(f"| {r['method']} | {r['images_per_s']:.2f} | {r['ms_per_image']:.2f} | {x} |")
+    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / (
+        f"speed_{device.type}_{args.model}_{args.dtype}_b{args.batch}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"meta": meta, "rows": rows}
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten to {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Captum's own methods set up for ViTs, for comparisons in the same loop.
+
+Captum's ``LayerGradCam`` on a ViT block output averages gradients over the
+embedding and sums over tokens, which is meaningless (methods.md section 6).
+:func:`vit_layer_gradcam` exposes the patch tokens of a layer as a
+``(B, D, h, w)`` feature map first, then hands them to Captum's own class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from captum.attr import IntegratedGradients, LayerGradCam
+from torch import Tensor, nn
+
+from ._utils import HookSet
+from ._vit import ViTStructure
+
+
+class TokenGridForward(nn.Module):
+    """``forward_func`` with one layer's patch tokens routed through ``self.grid``.
+
+    During each call a forward hook on ``layer`` reshapes its ``(B, T, D)``
+    output's patch tokens to ``(B, D, h, w)``, passes them through
+    ``self.grid`` (an identity module Captum can hook), and puts them back.
+    The hook exists only while the call runs.
+    """
+
+    def __init__(self, forward_func: Callable[..., Any], layer: nn.Module, structure: ViTStructure) -> None:
+        super().__init__()
+        self.forward_func = forward_func
+        self.layer = layer
+        self.structure = structure
+        self.grid = nn.Identity()
+        self._image_hw: Any = None
+
+    def forward(self, *args: Any) -> Tensor:
+        with self.structure.recording_image_size() as size, HookSet() as hooks:
+            self._image_hw = size
+            hooks.add(self.layer.register_forward_hook(self._route))
+            return self.forward_func(*args)
+
+    def _route(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        B, T, D = output.shape
+        P, (h, w) = self.structure.tokens_layout(T, self._image_hw.image_hw)
+        patches = output[:, P:].transpose(1, 2).reshape(B, D, h, w)
+        patches = self.grid(patches)
+        return torch.cat([output[:, :P], patches.flatten(2).transpose(1, 2)], dim=1)
+
+
+def vit_layer_gradcam(
+    forward_func: Callable[..., Any], layer: Optional[nn.Module] = None, vit: Optional[nn.Module] = None
+) -> LayerGradCam:
+    """Captum ``LayerGradCam`` on a ViT layer's patch tokens as a feature map.
+
+    Args:
+        forward_func: the model or a module/callable around it.
+        layer: a module inside the ViT whose output is ``(B, T, D)`` tokens;
+            default ``blocks[-1].norm1`` (as pytorch-grad-cam's ViT example).
+        vit: the ViT, if ``forward_func`` is not a module that contains it.
+
+    Returns:
+        a ``LayerGradCam`` whose ``attribute(inputs, target)`` gives
+        ``(B, 1, h, w)`` maps (``relu_attributions=True`` is the usual choice).
+    """
+    structure = ViTStructure.find(forward_func, None, vit)
+    layer = structure.blocks[-1].norm1 if layer is None else layer
+    wrapped = TokenGridForward(forward_func, layer, structure)
+    return LayerGradCam(wrapped, wrapped.grid)
+
+
+def integrated_gradients_map(
+    ig: IntegratedGradients, inputs: Tensor, target: Any, n_steps: int = 50, internal_batch_size: Optional[int] = None
+) -> Tensor:
+    """Captum IG summed over channels, absolute: ``(B, 1, H, W)`` (methods.md section 4)."""
+    attributions = ig.attribute(inputs, target=target, n_steps=n_steps, internal_batch_size=internal_batch_size)
+    return attributions.sum(dim=1, keepdim=True).abs()

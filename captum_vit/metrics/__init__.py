@@ -1,0 +1,36 @@
+"""Metrics for explanation maps.
+
+- :func:`adcc` (Average Drop, Average Increase, Coherency, Complexity, ADCC)
+  and :func:`evaluate_adcc` over a ``DataLoader`` (progress bar, resumable);
+- :func:`pointing_game` on 2x2 mosaics (:func:`make_mosaic`) and
+  :func:`box_localization` (pixel accuracy, IoU, Dice);
+- :func:`deletion_insertion` curves;
+- Captum interop: :func:`expand_to_input` (a ``(B, 1, h, w)`` map to the
+  input's shape for ``captum.metrics.infidelity``), :func:`patch_perturbation`
+  and :func:`input_attribution`.
+"""
+
+from ._adcc import ADCCResult, adcc, adcc_score, pearson
+from ._deletion import deletion_insertion
+from ._evaluate import evaluate_adcc
+from ._localization import box_localization, boxes_from_map, make_mosaic, mosaic_cell_boxes, pointing_game
+from ._maps import as_explain_func, expand_to_input, input_attribution, patch_perturbation, upsample_maps
+
+__all__ = [
+    "ADCCResult",
+    "adcc",
+    "adcc_score",
+    "as_explain_func",
+    "box_localization",
+    "boxes_from_map",
+    "deletion_insertion",
+    "evaluate_adcc",
+    "expand_to_input",
+    "input_attribution",
+    "make_mosaic",
+    "mosaic_cell_boxes",
+    "patch_perturbation",
+    "pearson",
+    "pointing_game",
+    "upsample_maps",
+]

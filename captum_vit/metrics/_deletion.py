@@ -1,0 +1,71 @@
+"""Deletion and insertion curves (Petsiuk et al., RISE, BMVC 2018)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._utils import check_batch_size, forward_logits
+from ._maps import upsample_maps
+
+
+def deletion_insertion(
+    forward_func: Callable[..., Any],
+    inputs: Tensor,
+    maps: Tensor,
+    target: Tensor,
+    steps: int = 16,
+    baseline: float = 0.0,
+    batch_size: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Areas under the deletion and insertion curves, per example.
+
+    Pixels are ranked by the map (upsampled to the input, ties by position).
+    Deletion replaces the top ``k/steps`` of them by ``baseline`` for
+    ``k = 0..steps`` and records the target's softmax probability; insertion
+    starts from the baseline image and reveals them. The area is the
+    trapezoid mean over the ``steps + 1`` points: lower is better for
+    deletion, higher for insertion.
+
+    Args:
+        forward_func: model mapping ``(B, C, H, W)`` to logits.
+        inputs: ``(N, C, H, W)``.
+        maps: ``(N, 1, h, w)`` explanations of ``target``.
+        target: ``(N,)`` class indices.
+        steps: number of equal pixel fractions.
+        baseline: value of removed pixels (0 in the model's input space).
+        batch_size: images per forward pass (each example needs
+            ``2 * (steps + 1)`` of them).
+
+    Returns:
+        ``(deletion_auc, insertion_auc)``, each ``(N,)``.
+    """
+    check_batch_size(batch_size)
+    N, C, H, W = inputs.shape
+    order = upsample_maps(maps, (H, W)).flatten(1).argsort(dim=1, descending=True, stable=True)
+    fractions = torch.linspace(0, 1, steps + 1)
+    counts = (fractions * H * W).round().long()
+    curves = torch.zeros(2, N, steps + 1)
+    per_call = max(1, (batch_size or 64) // (2 * (steps + 1)))
+    for start in range(0, N, per_call):
+        rows = slice(start, min(start + per_call, N))
+        x = inputs[rows]
+        n = x.shape[0]
+        ranks = torch.empty_like(order[rows])
+        ranks.scatter_(1, order[rows], torch.arange(H * W, device=order.device).expand(n, -1).contiguous())
+        # revealed[k] is True for the top counts[k] pixels
+        revealed = ranks[:, None, :] < counts.to(ranks.device)[None, :, None]  # (n, steps+1, H*W)
+        revealed = revealed.view(n, steps + 1, 1, H, W).to(x.dtype)
+        base = torch.full_like(x, baseline)[:, None]
+        deleted = x[:, None] * (1 - revealed) + base * revealed
+        inserted = base * (1 - revealed) + x[:, None] * revealed
+        batch = torch.cat([deleted, inserted], dim=1).reshape(-1, C, H, W)
+        with torch.no_grad():
+            probs = forward_logits(forward_func, (batch,)).float().softmax(-1)
+        t = target[rows].to(probs.device).repeat_interleave(2 * (steps + 1))
+        p = probs.gather(1, t[:, None]).view(n, 2, steps + 1)
+        curves[:, rows] = p.permute(1, 0, 2).cpu()
+    area = torch.trapezoid(curves, dx=1.0 / steps, dim=-1)
+    return area[0], area[1]

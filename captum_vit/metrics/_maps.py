@@ -1,0 +1,96 @@
+"""Turning explainer output into input-sized maps, shared by every metric."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from captum.attr import Attribution
+from torch import Tensor
+
+from .._utils import minmax_normalize
+
+ExplainFunc = Callable[[Tensor, Tensor], Tensor]
+
+
+def as_explain_func(explain: Any) -> ExplainFunc:
+    """``(inputs, target) -> maps`` from a Captum ``Attribution`` or such a callable."""
+    if isinstance(explain, Attribution):
+        return lambda x, t: explain.attribute(x, target=t)
+    if callable(explain):
+        return explain
+    raise TypeError(f"explain_func must be a Captum Attribution or a callable (inputs, target); got {type(explain).__name__}.")
+
+
+def upsample_maps(maps: Any, size: Sequence[int], normalize: bool = True) -> Tensor:
+    """``(B, 1, h, w)`` (or ``(B, h, w)``) maps -> ``(B, 1, H, W)``, bilinear, in ``[0, 1]``.
+
+    Bilinear without ``align_corners``, as ``captum.attr.LayerAttribution.interpolate``.
+    With ``normalize`` each map is min-max scaled, except a constant map,
+    which has no range to scale: it keeps its value, clipped to ``[0, 1]``
+    (so an all-ones map stays all ones).
+    """
+    if isinstance(maps, tuple):
+        maps = maps[0]
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"the explainer must return a tensor of maps; got {type(maps).__name__}.")
+    if maps.dim() == 3:
+        maps = maps[:, None]
+    if maps.dim() != 4 or maps.shape[1] != 1:
+        raise ValueError(
+            f"expected one map per example, (B, 1, h, w); got {tuple(maps.shape)}. "
+            "Sum input attributions over channels first (e.g. attr.sum(1, keepdim=True).abs())."
+        )
+    maps = maps.detach().float()
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    if not normalize:
+        return maps
+    flat = maps.flatten(1)
+    constant = (flat.max(1).values - flat.min(1).values) <= 1e-12
+    return torch.where(constant.view(-1, 1, 1, 1), maps.clamp(0, 1), minmax_normalize(maps))
+
+
+def expand_to_input(maps: Any, inputs: Tensor) -> Tensor:
+    """A ``(B, 1, h, w)`` map upsampled and expanded to ``inputs.shape``.
+
+    Captum's ``infidelity`` asserts that attributions have the input's shape;
+    this is the one line that makes a patch-grid map fit.
+    """
+    # contiguous: Captum views attributions with .view(B, -1)
+    return upsample_maps(maps, inputs.shape[-2:], normalize=False).expand_as(inputs).to(inputs.dtype).contiguous()
+
+
+def patch_perturbation(patch_size: int, std: float = 0.1, generator: torch.Generator | None = None):
+    """A perturbation for ``captum.metrics.infidelity`` constant on each patch.
+
+    Noise is drawn per ``patch_size x patch_size`` patch (and channel), so it
+    moves whole ViT tokens, and returned as Captum expects:
+    ``(perturbation, inputs - perturbation)``.
+    """
+
+    def perturb(inputs: Tensor):
+        B, C, H, W = inputs.shape
+        h, w = -(-H // patch_size), -(-W // patch_size)
+        noise = torch.randn(B, C, h, w, generator=generator).to(inputs) * std
+        noise = noise.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)[:, :, :H, :W]
+        return noise, inputs - noise
+
+    return perturb
+
+
+def input_attribution(explain: Any) -> Callable[..., Tensor]:
+    """Wrap an explainer so it returns input-shaped attributions.
+
+    ``captum.metrics.infidelity`` and ``sensitivity_max`` then take it
+    directly: ``sensitivity_max(input_attribution(cam), images, target=t)``.
+    """
+    fn = as_explain_func(explain)
+
+    def attribute(inputs: Any, target: Any = None, **kwargs: Any) -> Any:
+        x = inputs[0] if isinstance(inputs, tuple) else inputs
+        out = expand_to_input(fn(x, target), x)
+        return (out,) if isinstance(inputs, tuple) else out
+
+    return attribute

@@ -1,0 +1,195 @@
+"""Loading models: timm names, local checkpoints and the embedded default.
+
+The embedded default is a DeiT-Tiny trained on CIFAR-10 (see
+``captum_vit/assets/MODEL_CARD.md``), so everything works offline. A timm
+model name loads with ``pretrained=True`` wherever timm can fetch weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_CHECKPOINT = ASSETS / "deit_tiny_p16_224.safetensors"
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _deit_tiny_cifar() -> nn.Module:
+    import timm
+
+    return timm.create_model("deit_tiny_patch16_224", num_classes=10, pretrained=False)
+
+
+def _vit_tiny_p4_32() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=3, num_classes=10)
+
+
+#: Architectures of the CIFAR-10 checkpoints trained for this project, by file stem
+#: (constructors as in the training recipe).
+CIFAR_ARCHITECTURES: Dict[str, Callable[[], nn.Module]] = {
+    "deit_tiny_p16_224": _deit_tiny_cifar,
+    "vit_tiny_p4_32": _vit_tiny_p4_32,
+}
+
+
+class CIFARClassifier(nn.Module):
+    """A CIFAR-10 ViT taking normalised 32x32 images.
+
+    Inputs are normalised with :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`
+    (the model's input space: baseline 0 is the mean colour); inputs of
+    another size are resized bilinearly to the ViT's own input size, as in
+    training (the 224-pixel DeiT sees CIFAR upsampled after normalising).
+    """
+
+    def __init__(self, vit: nn.Module, img_size: int) -> None:
+        super().__init__()
+        self.vit = vit
+        self.img_size = int(img_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return self.vit(x)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain, and how to feed it."""
+
+    forward: nn.Module  # forward_func for the explainers
+    vit: nn.Module  # the timm VisionTransformer inside it
+    input_size: Tuple[int, int]  # (H, W) images are resized to before normalising
+    mean: Sequence[float]
+    std: Sequence[float]
+    class_names: Optional[Sequence[str]]
+    name: str
+    info: Dict[str, str]
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A PIL image (or path) -> a normalised ``(1, 3, H, W)`` tensor."""
+        from .data import pil_to_tensor
+
+        return pil_to_tensor(image, self.input_size, self.mean, self.std)[None]
+
+
+def load_cifar_checkpoint(path: str | Path, arch: Optional[str] = None) -> LoadedModel:
+    """Load one of this project's CIFAR-10 ``.safetensors`` checkpoints (fp16 -> fp32)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    stem = arch or path.stem
+    if stem not in CIFAR_ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture for {path.name}: name it with one of {', '.join(CIFAR_ARCHITECTURES)} "
+            "(or pass a timm model name as arch for other checkpoints)."
+        )
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata() or {})
+        state = {k: f.get_tensor(k).float() for k in f.keys()}
+    vit = CIFAR_ARCHITECTURES[stem]()
+    vit.load_state_dict(state)
+    vit.eval()
+    img_size = int(metadata.get("img_size", vit.patch_embed.img_size[0]))
+    return LoadedModel(
+        forward=CIFARClassifier(vit, img_size).eval(),
+        vit=vit,
+        input_size=(32, 32),
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        class_names=CIFAR10_CLASSES,
+        name=stem,
+        info=metadata,
+    )
+
+
+def default_model() -> LoadedModel:
+    """The embedded DeiT-Tiny trained on CIFAR-10 (no download)."""
+    return load_cifar_checkpoint(DEFAULT_CHECKPOINT)
+
+
+def load_timm_model(name: str, checkpoint: Optional[str | Path] = None, num_classes: Optional[int] = None) -> LoadedModel:
+    """A timm model by name: ``pretrained=True``, or weights from a local checkpoint.
+
+    Preprocessing comes from timm's ``resolve_data_config``; class names from
+    timm's ImageNet info when the model has 1000 classes.
+    """
+    import timm
+    from timm.data import resolve_data_config
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if checkpoint is None:
+        vit = timm.create_model(name, pretrained=True, **kwargs)
+    else:
+        vit = timm.create_model(name, pretrained=False, **kwargs)
+        vit.load_state_dict(_read_state_dict(Path(checkpoint)))
+    vit.eval()
+    config = resolve_data_config({}, model=vit)
+    class_names = None
+    if getattr(vit, "num_classes", None) == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            class_names = [info.index_to_description(i) for i in range(1000)]
+        except Exception:  # noqa: BLE001 - names are a nicety, never a reason to fail
+            class_names = None
+    size = config["input_size"][1:]
+    return LoadedModel(vit, vit, (int(size[0]), int(size[1])), config["mean"], config["std"], class_names, name, {})
+
+
+def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_model(spec: str, arch: Optional[str] = None, num_classes: Optional[int] = None) -> LoadedModel:
+    """``"default"``, a local ``.safetensors``/``.pth`` file, or a timm model name."""
+    if spec in ("default", "", None):
+        return default_model()
+    path = Path(spec)
+    if path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {spec} does not exist.")
+        if (arch or path.stem) in CIFAR_ARCHITECTURES and path.suffix == ".safetensors":
+            return load_cifar_checkpoint(path, arch)
+        if arch is None:
+            raise ValueError(f"give the timm architecture of {path.name} with --arch (e.g. deit_small_patch16_224).")
+        return load_timm_model(arch, path, num_classes)
+    return load_timm_model(spec, None, num_classes)
+
+
+def model_card() -> Dict[str, str]:
+    """Facts about the embedded default, as recorded in its checkpoint."""
+    from safetensors import safe_open
+
+    with safe_open(str(DEFAULT_CHECKPOINT), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def sample_images() -> Tuple[list, list]:
+    """The bundled CIFAR-10 test images: ``(PIL images, labels)``."""
+    from PIL import Image
+
+    index = json.loads((ASSETS / "samples" / "samples.json").read_text())
+    images = [Image.open(ASSETS / "samples" / item["file"]).convert("RGB") for item in index]
+    return images, [item["label"] for item in index]

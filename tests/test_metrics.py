@@ -1,0 +1,217 @@
+"""Metrics on hand-made cases with known answers, and Captum interop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from captum.metrics import infidelity, sensitivity_max
+from conftest import make_model
+from torch import nn
+
+from captum_vit import AttentionGuidedGradCAM, LayerReciproCAM
+from captum_vit.metrics import (
+    adcc,
+    adcc_score,
+    box_localization,
+    deletion_insertion,
+    evaluate_adcc,
+    expand_to_input,
+    input_attribution,
+    make_mosaic,
+    mosaic_cell_boxes,
+    patch_perturbation,
+    pointing_game,
+)
+
+
+def test_adcc_aggregate_matches_the_paper_arithmetic():
+    # Table 1 of ViT-ReciproCAM: Drop 25.82, Coher 88.61, Compl 46.35 -> ADCC 69.11. The exact harmonic
+    # mean of the rounded components is 69.116; the inputs' rounding (+-0.005) allows +-0.01.
+    value = adcc_score(torch.tensor(0.2582), torch.tensor(0.8861), torch.tensor(0.4635))
+    assert 100 * value.item() == pytest.approx(69.11, abs=0.01)
+    assert 100 * value.item() != pytest.approx(69.11 + 0.05, abs=0.01)
+
+
+class RegionModel(nn.Module):
+    """Class 0's logit is the mean of the pixels in the top-left 4x4 corner."""
+
+    def forward(self, x):
+        evidence = 8 * x[:, :, :4, :4].mean(dim=(1, 2, 3))
+        return torch.stack([evidence, torch.zeros_like(evidence)], dim=1)
+
+
+def region_map(x, target):
+    m = torch.zeros(x.shape[0], 1, 8, 8)
+    m[:, :, :4, :4] = 1
+    return m
+
+
+def constant_map(value):
+    return lambda x, t: torch.full((x.shape[0], 1, 4, 4), value)
+
+
+IMAGES = torch.ones(3, 3, 8, 8)
+
+
+def test_perfect_map():
+    r = adcc(RegionModel(), region_map, IMAGES, target=0)
+    assert torch.all(r.average_drop == 0) and torch.all(r.average_increase == 0)
+    torch.testing.assert_close(r.coherency, torch.ones(3))
+    torch.testing.assert_close(r.complexity, torch.full((3,), 0.25))
+    expected = 3 / (1 + 1 / 0.75 + 1)
+    torch.testing.assert_close(r.adcc, torch.full((3,), expected))
+    s = r.summary()
+    assert s["adcc_of_means"] == pytest.approx(100 * expected) and s["mean_adcc"] == pytest.approx(100 * expected)
+
+
+def test_all_ones_map():
+    with pytest.warns(UserWarning, match="constant map"):
+        r = adcc(RegionModel(), constant_map(1.0), IMAGES, target=0)
+    assert torch.all(r.average_drop == 0) and torch.all(r.complexity == 1)
+    assert torch.all(r.coherency == 0) and torch.all(r.adcc == 0) and r.constant_map.all()
+
+
+def test_constant_map_never_nan():
+    with pytest.warns(UserWarning, match="coherency is undefined"):
+        r = adcc(RegionModel(), constant_map(0.5), IMAGES, target=0)
+    for value in (r.average_drop, r.coherency, r.complexity, r.adcc):
+        assert torch.isfinite(value).all()
+    torch.testing.assert_close(r.complexity, torch.full((3,), 0.5))
+    y = torch.sigmoid(torch.tensor(8.0))  # p_0 of the image; the explanation input halves the evidence
+    o = torch.sigmoid(torch.tensor(4.0))
+    torch.testing.assert_close(r.average_drop, torch.full((3,), ((y - o) / y).item()))
+    assert math.isfinite(r.summary()["adcc_of_means"])
+
+
+def test_map_off_the_evidence_drops_everything():
+    def wrong(x, t):
+        m = torch.zeros(x.shape[0], 1, 8, 8)
+        m[:, :, 4:, 4:] = 1
+        return m
+
+    r = adcc(RegionModel(), wrong, IMAGES, target=0)
+    y = torch.sigmoid(torch.tensor(8.0))
+    torch.testing.assert_close(r.average_drop, torch.full((3,), ((y - 0.5) / y).item()))
+
+
+def test_adcc_batches_and_real_explainer():
+    model, images = make_model("vit_reg4")
+    cam = LayerReciproCAM(model, model.blocks[-1])
+    whole = adcc(model, cam, images, target=[1, 2])
+    chunked = adcc(model, lambda x, t: cam.attribute(x, target=t), images, target=[1, 2], batch_size=1)
+    torch.testing.assert_close(whole.adcc, chunked.adcc)
+    assert ((whole.adcc >= 0) & (whole.adcc <= 1)).all()
+
+
+def test_pointing_game_cells():
+    mosaics = torch.zeros(2, 3, 8, 8)
+    targets = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+
+    def inside_cell(x, t):  # class c lights up cell c % 4 only (on a 4x4 grid)
+        maps = torch.zeros(x.shape[0], 1, 4, 4)
+        for i, c in enumerate(t.tolist()):
+            r, col = divmod(c % 4, 2)
+            maps[i, 0, 2 * r : 2 * r + 2, 2 * col : 2 * col + 2] = 1
+        return maps
+
+    torch.testing.assert_close(pointing_game(inside_cell, mosaics, targets), torch.ones(2, 4))
+    uniform = pointing_game(constant_map(0.7), mosaics, targets, batch_size=1)
+    torch.testing.assert_close(uniform, torch.full((2, 4), 0.25))
+    odd_grid = pointing_game(lambda x, t: torch.full((x.shape[0], 1, 5, 5), 0.3), mosaics, targets)
+    torch.testing.assert_close(odd_grid, torch.full((2, 4), 0.25))  # upsampled to the mosaic
+    zero = pointing_game(constant_map(0.0), mosaics, targets)
+    assert torch.all(zero == 0)
+
+
+def test_make_mosaic_layout():
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    mosaic = make_mosaic(images)
+    assert mosaic.shape == (3, 4, 4)
+    for cell, (x0, y0, x1, y1) in enumerate(mosaic_cell_boxes(4, 4)):
+        assert torch.all(mosaic[:, y0:y1, x0:x1] == cell)
+    with pytest.raises(ValueError, match="four images"):
+        make_mosaic(images[:3])
+
+
+def test_box_localization_known_cases():
+    maps = torch.zeros(3, 1, 10, 10)
+    maps[0, 0, 2:6, 2:6] = 1  # exactly the box
+    maps[1, 0, 0:2, 0:2] = 1  # two blobs: the union of their boxes counts
+    maps[1, 0, 8:10, 8:10] = 1
+    maps[2, 0, 2:6, 4:8] = 1  # half overlap
+    maps[2, 0, 2:6, 2:4] = 0.5  # exactly 0.5: not above the strict threshold
+    gt = [[(2, 2, 6, 6)], [(0, 0, 2, 2), (8, 8, 10, 10)], [(2, 2, 6, 6)]]
+    out = box_localization(maps, gt)
+    torch.testing.assert_close(out["iou"], torch.tensor([1.0, 1.0, 8 / 24]))
+    torch.testing.assert_close(out["dice"], torch.tensor([1.0, 1.0, 16 / 32]))
+    torch.testing.assert_close(out["pixel_accuracy"], torch.tensor([1.0, 1.0, 84 / 100]))
+    only_correct = box_localization(maps, gt, correct=torch.tensor([True, False, True]))
+    assert only_correct["mean"]["iou"] == pytest.approx((1 + 8 / 24) / 2)
+    diagonal = torch.zeros(1, 1, 6, 6)
+    diagonal[0, 0, [1, 2, 3], [1, 2, 3]] = 1  # 8-connected: one region, one box
+    assert box_localization(diagonal, [[(1, 1, 4, 4)]])["iou"][0] == 1
+
+
+def test_deletion_insertion_exact_on_a_linear_model():
+    class Sum(nn.Module):
+        def forward(self, x):
+            s = x.flatten(1).sum(1)
+            return torch.stack([s, torch.zeros_like(s)], 1)
+
+    x = torch.ones(1, 1, 2, 2)
+    ranking = torch.tensor([[[[4.0, 3.0], [2.0, 1.0]]]])
+    deletion, insertion = deletion_insertion(Sum(), x, ranking, torch.tensor([0]), steps=4)
+    p = torch.sigmoid(torch.arange(5.0))  # p(k pixels present)
+    torch.testing.assert_close(deletion, torch.trapezoid(p.flip(0), dx=0.25)[None])
+    torch.testing.assert_close(insertion, torch.trapezoid(p, dx=0.25)[None])
+
+
+def test_deletion_prefers_the_right_map():
+    model = RegionModel()
+    images = torch.rand(4, 3, 8, 8) + 0.5
+    good = region_map(images, None)
+    bad = 1 - good
+    target = torch.zeros(4, dtype=torch.long)
+    d_good, i_good = deletion_insertion(model, images, good, target, steps=8, batch_size=7)
+    d_bad, i_bad = deletion_insertion(model, images, bad, target, steps=8)
+    assert (d_good < d_bad).all() and (i_good > i_bad).all()
+
+
+def test_captum_infidelity_and_sensitivity_one_liners():
+    model, images = make_model("vit_reg4")
+    cam = LayerReciproCAM(model, model.blocks[-1])
+    target = torch.tensor([1, 2])
+    maps = cam.attribute(images, target=target)
+    attributions = expand_to_input(maps, images)
+    assert attributions.shape == images.shape
+    perturb = patch_perturbation(16, generator=torch.Generator().manual_seed(0))
+    noise, perturbed = perturb(images)
+    assert torch.all(noise[:, :, :16, :16] == noise[:, :, :1, :1])  # constant on a patch
+    infid = infidelity(model, perturb, images, attributions, target=target, n_perturb_samples=4)
+    assert infid.shape == (2,) and torch.isfinite(infid).all()
+    for fn in (cam.attribute, input_attribution(cam), input_attribution(AttentionGuidedGradCAM(model))):
+        sens = sensitivity_max(fn, images, target=target, n_perturb_samples=2)
+        assert sens.shape == (2,) and torch.isfinite(sens).all()
+
+
+def test_evaluate_adcc_resumes(tmp_path):
+    model, images = make_model("vit_reg4")
+    images = torch.cat([images, images.flip(0), images * 0.5])
+    loader = [(images[i : i + 2], torch.tensor([1, 2])) for i in range(0, 6, 2)]
+    calls = []
+
+    def explain(x, t):
+        calls.append(x.shape[0])
+        return LayerReciproCAM(model, model.blocks[-1]).attribute(x, target=t)
+
+    first = evaluate_adcc(model, explain, loader, use_labels=True, checkpoint_dir=tmp_path, progress=False)
+    assert len(first) == 6 and len(calls) == 6  # two explainer calls per batch
+    (tmp_path / "batch_00001.pt").unlink()  # as if interrupted before batch 1 was written
+    calls.clear()
+    again = evaluate_adcc(model, explain, loader, use_labels=True, checkpoint_dir=tmp_path, progress=False)
+    assert len(calls) == 2
+    torch.testing.assert_close(again.adcc, first.adcc)
+    no_labels = evaluate_adcc(model, explain, [b[0] for b in loader], progress=False)
+    assert len(no_labels) == 6
