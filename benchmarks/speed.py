@@ -122,7 +122,7 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--copies", type=int, default=None, help="general path: masked copies per call")
     parser.add_argument("--methods", default=",".join(ALL), help=f"comma list from {','.join(ALL)}")
-    parser.add_argument("--slow-repeats", type=int, default=1, help="timed runs for pytorch-grad-cam methods")
+    parser.add_argument("--slow-repeats", type=int, default=1, help="timed runs for IG and pytorch-grad-cam (no warm-up)")
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/speed_*.json)")
     args = parser.parse_args(argv)
 
@@ -143,7 +143,7 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
         if name not in methods:
             print(f"skipping {name}: not available (pytorch-grad-cam not installed?)", file=sys.stderr)
             continue
-        slow = name.startswith("pgc-")
+        slow = name.startswith("pgc-") or name == "ig"  # minutes per run on a CPU: timed once
         with autocast:
             times = timed(lambda: methods[name](images, targets), device,
                           args.slow_repeats if slow else args.repeats, 0 if slow else args.warmup)

@@ -13,13 +13,17 @@ does not know fails loudly instead of explaining the wrong computation.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from captum.log import log_usage
 from torch import Tensor, nn
 
 from ._utils import (
     HookSet,
+    TensorOrTuple,
+    agreement_tolerance,
+    relative_error,
     Targets,
     check_batch_size,
     forward_logits,
@@ -112,13 +116,11 @@ def _detach_first_argument(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[An
 
 
 def _check_same_output(module: nn.Module, explicit: Tensor, reference: Tensor) -> None:
-    with torch.no_grad():
-        err = (explicit - reference).float().norm() / reference.float().norm().clamp_min(1e-12)
-    tol = 1e-4 if reference.dtype == torch.float32 else 3e-2
-    if err > tol:
+    err = relative_error(explicit, reference)
+    if err > agreement_tolerance(reference.dtype):
         raise RuntimeError(
             f"captum_vit's explicit attention does not reproduce {type(module).__name__} "
-            f"(relative difference {err.item():.2e}); this attention variant is not supported."
+            f"(relative difference {err:.2e}); this attention variant is not supported."
         )
 
 
@@ -159,7 +161,22 @@ class AttentionExplainer:
     #: query rows of ``S`` that :meth:`combine` reads (``None``: all)
     score_rows: Optional[int] = None
 
-    def _setup(self, forward_func: Any, layers: Optional[Sequence[Any]], vit: Optional[nn.Module]) -> None:
+    def __init__(
+        self,
+        forward_func: Callable[..., Any],
+        layers: Optional[Sequence[Any]] = None,
+        vit: Optional[nn.Module] = None,
+    ) -> None:
+        r"""
+        Args:
+            forward_func: the model, or a module/callable around it, mapping
+                ``(B, C, H, W)`` inputs to ``(B, num_classes)`` logits.
+            layers: blocks to use, as indices or modules of ``model.blocks``;
+                ``None`` (default) uses every block.
+            vit: the timm ``VisionTransformer``; needed only when
+                ``forward_func`` is not a module containing it.
+        """
+        super().__init__(forward_func)  # the Captum base class that follows in the MRO
         self.structure = ViTStructure.find(forward_func, None, vit)
         if not self.structure.has_class_token:
             raise ValueError(
@@ -171,16 +188,40 @@ class AttentionExplainer:
             AttentionView(self.structure.blocks[i].attn)
 
     def combine(self, scores: List[Tensor], weights: List[Tensor], grads: Optional[List[Tensor]], P: int) -> Tensor:
+        """``(n, h*w)`` maps from one forward's recorded attention (and ``dy/dA``)."""
         raise NotImplementedError
 
-    def _attribute(
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    @log_usage(part_of_slo=True)
+    def attribute(
         self,
-        inputs: Any,
-        target: Any,
-        additional_forward_args: Any,
-        normalize: bool,
-        batch_size: Optional[int],
-    ) -> Any:
+        inputs: TensorOrTuple,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        normalize: bool = True,
+        batch_size: Optional[int] = None,
+    ) -> TensorOrTuple:
+        r"""
+        Args:
+            inputs: ``(B, C, H, W)`` images, or a tuple whose first element
+                is; the output is a tuple then too.
+            target: ``None`` (predicted class), an ``int``, a list of ``B``
+                ints or a ``(B,)`` tensor, or a ``(B, k)`` tensor for ``k``
+                maps per example (one forward pass, one backward pass each).
+                Class-agnostic methods ignore it but for the output shape.
+            additional_forward_args: extra arguments for ``forward_func``.
+            normalize: min-max scale each map to ``[0, 1]`` (default);
+                ``False`` returns the raw values.
+            batch_size: images per forward/backward pass (memory bound);
+                ``None`` takes the whole batch at once.
+
+        Returns:
+            ``(B, 1, h, w)`` float32 maps on the patch grid (``(B, k, h, w)``
+            for a 2-D target).
+        """
         prepared = prepare_inputs(inputs, additional_forward_args)
         targets = prepare_targets(target, prepared.batch_size)
         check_batch_size(batch_size)

@@ -250,5 +250,18 @@ def forward_logits(forward_func: Callable[..., Any], args: Tuple[Any, ...]) -> T
     return out
 
 
+def relative_error(value: Tensor, reference: Tensor) -> float:
+    """``||value - reference|| / ||reference||`` in float32 (inf if ``value`` is not finite)."""
+    value, reference = value.detach().float(), reference.detach().float()
+    if not torch.isfinite(value).all():
+        return float("inf")
+    return ((value - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+
+
+def agreement_tolerance(*dtypes: torch.dtype) -> float:
+    """How closely two computations of the same function must agree in these dtypes."""
+    return 1e-4 if all(d in (torch.float32, torch.float64) for d in dtypes) else 3e-2
+
+
 def model_is_training(module: Any) -> bool:
     return isinstance(module, nn.Module) and any(m.training for m in module.modules())

@@ -17,6 +17,7 @@ from ._utils import (
     PreparedInputs,
     Targets,
     TensorOrTuple,
+    agreement_tolerance,
     check_batch_size,
     check_choice,
     forward_logits,
@@ -24,6 +25,7 @@ from ._utils import (
     output_maps,
     prepare_inputs,
     prepare_targets,
+    relative_error,
     row_chunks,
 )
 from ._vit import AttentionView, ViTStructure, block_forward, check_vit_block, prenorm_block_forward
@@ -316,7 +318,7 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
                 logits = logits.view(n, c1 - c0, -1)
                 if c0 == 0:
                     if reference is not None:
-                        _check_against_reference(logits[0, 0].float(), reference[0])
+                        _check_against_reference(logits[0, 0], reference[0], logits.dtype)
                         reference = None
                     chosen = targets.resolve(logits[:, 0], rows)
                     if resolved is None:
@@ -343,13 +345,12 @@ class _FastPathMismatch(RuntimeError):
     pass
 
 
-def _check_against_reference(fast_row: Tensor, reference: Tensor) -> None:
-    err = (fast_row - reference).norm() / reference.norm().clamp_min(1e-12)
-    tol = 1e-4 if fast_row.dtype == torch.float32 and reference.dtype == torch.float32 else 2e-2
-    if not torch.isfinite(fast_row).all() or err > tol:
+def _check_against_reference(fast_row: Tensor, reference: Tensor, dtype: torch.dtype) -> None:
+    err = relative_error(fast_row, reference)
+    if err > agreement_tolerance(dtype):
         raise _FastPathMismatch(
             "forward_func's output depends on patch tokens after the explained block "
-            f"(relative difference {err.item():.2e} from a plain forward)"
+            f"(relative difference {err:.2e} from a plain forward)"
         )
 
 
@@ -429,13 +430,11 @@ class _MaskedCopies:
 
 
 def _check_prenorm_block(block: nn.Module, x: Tensor, output: Tensor) -> None:
-    recomputed = block_forward(block, x)
-    err = (recomputed - output).float().norm() / output.float().norm().clamp_min(1e-12)
-    tol = 1e-4 if x.dtype == torch.float32 else 2e-2
-    if err > tol:
+    err = relative_error(block_forward(block, x), output)
+    if err > agreement_tolerance(x.dtype):
         raise TypeError(
             f"{type(block).__name__}.forward is not the pre-norm ViT block that ReciproCAM re-runs "
-            f"(x + ls1(attn(norm1(x))), then + ls2(mlp(norm2(x)))): relative difference {err.item():.2e}."
+            f"(x + ls1(attn(norm1(x))), then + ls2(mlp(norm2(x)))): relative difference {err:.2e}."
         )
 
 

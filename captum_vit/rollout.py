@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from captum.attr import Attribution, GradientAttribution
-from captum.log import log_usage
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._attention import AttentionExplainer
-from ._utils import TensorOrTuple
-
-_ATTRIBUTE_DOC = r"""
-        Args:
-            inputs: ``(B, C, H, W)`` images, or a tuple whose first element
-                is; the output is a tuple then too.
-            target: ``None`` (predicted class), an ``int``, a list of ``B``
-                ints, a ``(B,)`` or ``(B, k)`` tensor.{target_note}
-            additional_forward_args: extra arguments for ``forward_func``.
-            normalize: min-max scale each map to ``[0, 1]`` (default).
-            batch_size: images per pass (memory bound); ``None``: all at once.
-
-        Returns:
-            ``(B, 1, h, w)`` float32 maps on the patch grid (``(B, k, h, w)``
-            for a 2-D target).
-"""
 
 
 class AttentionRollout(AttentionExplainer, Attribution):
@@ -38,37 +21,12 @@ class AttentionRollout(AttentionExplainer, Attribution):
     Class-agnostic: every target gets the same map.
     """
 
-    def __init__(
-        self, forward_func: Callable[..., Any], layers: Optional[Sequence[Any]] = None, vit: Optional[nn.Module] = None
-    ) -> None:
-        Attribution.__init__(self, forward_func)
-        self._setup(forward_func, layers, vit)
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    @log_usage(part_of_slo=True)
-    def attribute(
-        self,
-        inputs: TensorOrTuple,
-        target: Any = None,
-        additional_forward_args: Any = None,
-        normalize: bool = True,
-        batch_size: Optional[int] = None,
-    ) -> TensorOrTuple:
-        return self._attribute(inputs, target, additional_forward_args, normalize, batch_size)
-
-    attribute.__doc__ = _ATTRIBUTE_DOC.format(target_note=" Only the output shape depends on it.")
-
     def combine(self, scores: List[Tensor], weights: List[Tensor], grads: Optional[List[Tensor]], P: int) -> Tensor:
-        rollout = None
+        eye = torch.eye(weights[0].shape[-1], dtype=weights[0].dtype, device=weights[0].device)
+        rollout = eye
         for a in weights:
-            eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
             a_bar = a.mean(dim=1) + eye
-            a_bar = a_bar / a_bar.sum(dim=-1, keepdim=True)
-            rollout = a_bar if rollout is None else a_bar @ rollout
-        assert rollout is not None
+            rollout = (a_bar / a_bar.sum(dim=-1, keepdim=True)) @ rollout
         return rollout[:, 0, P:]
 
 
@@ -85,34 +43,10 @@ class GradientRollout(AttentionExplainer, GradientAttribution):
 
     uses_gradients = True
 
-    def __init__(
-        self, forward_func: Callable[..., Any], layers: Optional[Sequence[Any]] = None, vit: Optional[nn.Module] = None
-    ) -> None:
-        GradientAttribution.__init__(self, forward_func)
-        self._setup(forward_func, layers, vit)
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    @log_usage(part_of_slo=True)
-    def attribute(
-        self,
-        inputs: TensorOrTuple,
-        target: Any = None,
-        additional_forward_args: Any = None,
-        normalize: bool = True,
-        batch_size: Optional[int] = None,
-    ) -> TensorOrTuple:
-        return self._attribute(inputs, target, additional_forward_args, normalize, batch_size)
-
-    attribute.__doc__ = _ATTRIBUTE_DOC.format(target_note="")
-
     def combine(self, scores: List[Tensor], weights: List[Tensor], grads: Optional[List[Tensor]], P: int) -> Tensor:
         assert grads is not None
-        T = weights[0].shape[-1]
-        relevance = torch.eye(T, dtype=weights[0].dtype, device=weights[0].device).expand(weights[0].shape[0], T, T)
+        eye = torch.eye(weights[0].shape[-1], dtype=weights[0].dtype, device=weights[0].device)
+        relevance = eye.expand_as(weights[0][:, 0])
         for a, g in zip(weights, grads):
-            a_bar = (g * a).mean(dim=1).relu()
-            relevance = relevance + a_bar @ relevance
+            relevance = relevance + (g * a).mean(dim=1).relu() @ relevance
         return relevance[:, 0, P:]
