@@ -25,6 +25,14 @@ from .methods import METHODS, TITLES
 CLI_METHODS = ("reciprocam", "reciprocam-dirac", "agcam", "rollout", "grad-rollout", "ig")
 
 
+_OFFLINE_HINT = " (no network access? use a local checkpoint: --model PATH --arch NAME, or --model default)"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line."""
 
@@ -36,23 +44,22 @@ def _device(name: str) -> torch.device:
 
 
 def _load(spec: str, arch: Optional[str], device: torch.device):
-    from .models import load_model
+    from .models import CheckpointNotFoundError, load_model
 
     try:
         loaded = load_model(spec, arch=arch)
-    except FileNotFoundError as err:
+    except CheckpointNotFoundError as err:
         raise UsageError(str(err)) from None
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise UsageError(f"unknown model {spec!r}: not a timm model name nor a checkpoint file.") from None
-        raise UsageError(f"could not load {spec!r}: {str(err).splitlines()[0]}") from None
-    except (OSError, ValueError) as err:
-        raise UsageError(
-            f"could not load {spec!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__} "
-            "(no network access? pass a local checkpoint with --model PATH --arch NAME, or --model default)."
-        ) from None
+        raise UsageError(f"could not load {spec!r}: {_first_line(err)}") from None
+    except ValueError as err:  # our own messages (e.g. a checkpoint without --arch)
+        if type(err) is ValueError:
+            raise UsageError(str(err)) from None
+        raise UsageError(f"could not load {spec!r}: {_first_line(err)}{_OFFLINE_HINT}") from None
     except Exception as err:  # noqa: BLE001 - hub clients raise many types when offline
-        raise UsageError(f"could not load {spec!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        raise UsageError(f"could not load {spec!r}: {_first_line(err)}{_OFFLINE_HINT}") from None
     loaded.forward.to(device)
     return loaded
 

@@ -44,6 +44,10 @@ CIFAR_ARCHITECTURES: Dict[str, Callable[[], nn.Module]] = {
 }
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """A local checkpoint path that does not exist."""
+
+
 class CIFARClassifier(nn.Module):
     """A CIFAR-10 ViT taking normalised 32x32 images.
 
@@ -169,7 +173,7 @@ def load_model(spec: str, arch: Optional[str] = None, num_classes: Optional[int]
     path = Path(spec)
     if path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
         if not path.exists():
-            raise FileNotFoundError(f"checkpoint {spec} does not exist.")
+            raise CheckpointNotFoundError(f"checkpoint {spec} does not exist.")
         if (arch or path.stem) in CIFAR_ARCHITECTURES and path.suffix == ".safetensors":
             return load_cifar_checkpoint(path, arch)
         if arch is None:

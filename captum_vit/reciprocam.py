@@ -451,10 +451,12 @@ def _fast_prefix_rows(block: nn.Module, x: Tensor, masks: Tensor, P: int) -> Ten
         ``(n, c, P, D)``: rows ``:P`` of ``prenorm_block_forward(block, Z * m)``.
 
     A mask scales rows of ``Z``, so for copy ``m`` the keys and values are
-    ``m_t * (Z W)_t + b``. Masks take few distinct values (0, 1/16, 1/8, 1/4,
-    1), so the keys (through ``k_norm``, if any) and the prefix queries' scores
-    are computed once per distinct value and gathered per copy; the values
-    need no such trick: ``sum_t A_t (m_t U_t + b) = (A * m) @ U + b``.
+    ``m_t * (Z W)_t + b``. Without ``k_norm`` the prefix queries' scores are
+    then ``m_t (q . U_t) + q . b``: one product serves every copy. With
+    ``k_norm`` the keys are not linear in ``m_t``, but masks take few distinct
+    values (0, 1/16, 1/8, 1/4, 1), so keys and scores are computed once per
+    value and gathered per copy. The values need no trick:
+    ``sum_t A_t (m_t U_t + b) = (A * m) @ U + b``.
     """
     att = AttentionView(block.attn)
     n, T, _ = x.shape
@@ -465,12 +467,18 @@ def _fast_prefix_rows(block: nn.Module, x: Tensor, masks: Tensor, P: int) -> Ten
     m_prefix = masks[0, :P]  # identical for every copy: all ones or all zeros
     q = att.module.q_norm(m_prefix[:, None] * uq[:, :, :P] + bq)  # (n, H, P, d)
 
-    levels, level_index = torch.unique(masks, return_inverse=True)  # (V,), (c, T)
-    keys = att.module.k_norm(levels.view(-1, 1, 1, 1, 1) * uk + bk)  # (V, n, H, T, d)
-    level_scores = (q * att.scale) @ keys.transpose(-2, -1)  # (V, n, H, P, T)
-    token = torch.arange(T, device=x.device).expand(c, T)
-    scores = level_scores.permute(0, 4, 1, 2, 3)[level_index, token]  # (c, T, n, H, P)
-    weights = scores.permute(2, 3, 4, 0, 1).softmax(dim=-1)  # (n, H, P, c, T)
+    if isinstance(att.module.k_norm, nn.Identity):
+        # keys are linear in the mask: S_t = scale * (m_t (q . U_t) + q . b)
+        unmasked = (q * att.scale) @ uk.transpose(-2, -1)  # (n, H, P, T)
+        offset = (q * att.scale) @ bk.transpose(-2, -1)  # (n, H, P, 1)
+        scores = unmasked[:, :, :, None, :] * masks + offset[:, :, :, None, :]  # (n, H, P, c, T)
+    else:
+        levels, level_index = torch.unique(masks, return_inverse=True)  # (V,), (c, T)
+        keys = att.module.k_norm(levels.view(-1, 1, 1, 1, 1) * uk + bk)  # (V, n, H, T, d)
+        level_scores = (q * att.scale) @ keys.transpose(-2, -1)  # (V, n, H, P, T)
+        token = torch.arange(T, device=x.device).expand(c, T)
+        scores = level_scores.permute(0, 4, 1, 2, 3)[level_index, token].permute(2, 3, 4, 0, 1)
+    weights = scores.softmax(dim=-1)  # (n, H, P, c, T)
     H, d = att.num_heads, att.head_dim
     mixed = (weights * masks).reshape(n, H, P * c, T) @ uv  # (n, H, P*c, d)
     heads = mixed.view(n, H, P, c, d) + bv.view(1, H, 1, 1, d)

@@ -199,6 +199,6 @@ def test_errors():
     with pytest.raises(TypeError, match="standard Attention module"):
         AttentionGuidedGradCAM(model)
     token_model, images = make_model("vit_reg4")
-    token_model.blocks[-1].attn = torch.nn.Identity()
+    token_model.blocks[-1].attn = torch.nn.Identity().eval()
     with pytest.raises(ValueError, match="Identity is not timm's standard Attention module"):
         LayerReciproCAM(token_model, token_model.blocks[-1]).attribute(images, path="fast")

@@ -53,15 +53,20 @@ def test_evaluate_on_a_folder(sample, tmp_path, capsys):
         (["explain", "{sample}", "--target", "12"], "target 12 is out of range"),
         (["explain", "{sample}", "--target", "unicorn"], "unknown target 'unicorn'"),
         (["explain", "{sample}", "--model", "weights.pth"], "checkpoint weights.pth does not exist"),
+        (["explain", "{sample}", "--model", "{sample_ckpt}"], "give the timm architecture"),
         (["evaluate", "--data", "nowhere"], "nowhere: no such file or folder"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, sample, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fetching weights must fail fast here
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no network retries
     monkeypatch.chdir(tmp_path)
     not_image = tmp_path / "notes.png"
     not_image.write_text("not a picture")
-    argv = [a.format(sample=sample, not_image=not_image) for a in argv]
+    ckpt = tmp_path / "mine.pth"
+    ckpt.write_bytes(b"")
+    argv = [a.format(sample=sample, not_image=not_image, sample_ckpt=ckpt) for a in argv]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("captum-vit: error:") and message in err
