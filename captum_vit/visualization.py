@@ -69,14 +69,14 @@ def explanation_figure(
     """Image, then one overlay per method: ``maps`` is ``{method title: (1, h, w) map}``."""
     plt = _pyplot()
     image = display_image(pixels)
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3 * (len(maps) + 1), 3.4))
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3 * (len(maps) + 1), 3.7))
     axes[0].imshow(image)
     axes[0].set_title(title, fontsize=9)
     axes[0].axis("off")
     for ax, (name, map_) in zip(axes[1:], maps.items()):
         label = name if not timings else f"{name} ({timings[name]:.0f} ms)"
         draw_overlay(ax, image, heat_for(map_, image.shape[:2]), label)
-    fig.tight_layout()
+    fig.tight_layout(pad=1.5)
     if out is not None:
         fig.savefig(out, dpi=100)
         plt.close(fig)
