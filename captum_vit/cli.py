@@ -44,20 +44,16 @@ def _device(name: str) -> torch.device:
 
 
 def _load(spec: str, arch: Optional[str], device: torch.device):
-    from .models import CheckpointNotFoundError, load_model
+    from .models import CheckpointNotFoundError, ModelSpecError, load_model
 
     try:
         loaded = load_model(spec, arch=arch)
-    except CheckpointNotFoundError as err:
+    except (CheckpointNotFoundError, ModelSpecError) as err:
         raise UsageError(str(err)) from None
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise UsageError(f"unknown model {spec!r}: not a timm model name nor a checkpoint file.") from None
         raise UsageError(f"could not load {spec!r}: {_first_line(err)}") from None
-    except ValueError as err:  # our own messages (e.g. a checkpoint without --arch)
-        if type(err) is ValueError:
-            raise UsageError(str(err)) from None
-        raise UsageError(f"could not load {spec!r}: {_first_line(err)}{_OFFLINE_HINT}") from None
     except Exception as err:  # noqa: BLE001 - hub clients raise many types when offline
         raise UsageError(f"could not load {spec!r}: {_first_line(err)}{_OFFLINE_HINT}") from None
     loaded.forward.to(device)

@@ -48,6 +48,10 @@ class CheckpointNotFoundError(FileNotFoundError):
     """A local checkpoint path that does not exist."""
 
 
+class ModelSpecError(ValueError):
+    """A model request this module cannot resolve (e.g. a checkpoint of unknown architecture)."""
+
+
 class CIFARClassifier(nn.Module):
     """A CIFAR-10 ViT taking normalised 32x32 images.
 
@@ -95,7 +99,7 @@ def load_cifar_checkpoint(path: str | Path, arch: Optional[str] = None) -> Loade
     path = Path(path)
     stem = arch or path.stem
     if stem not in CIFAR_ARCHITECTURES:
-        raise ValueError(
+        raise ModelSpecError(
             f"unknown architecture for {path.name}: name it with one of {', '.join(CIFAR_ARCHITECTURES)} "
             "(or pass a timm model name as arch for other checkpoints)."
         )
@@ -177,7 +181,7 @@ def load_model(spec: str, arch: Optional[str] = None, num_classes: Optional[int]
         if (arch or path.stem) in CIFAR_ARCHITECTURES and path.suffix == ".safetensors":
             return load_cifar_checkpoint(path, arch)
         if arch is None:
-            raise ValueError(f"give the timm architecture of {path.name} with --arch (e.g. deit_small_patch16_224).")
+            raise ModelSpecError(f"give the timm architecture of {path.name} with --arch (e.g. deit_small_patch16_224).")
         return load_timm_model(arch, path, num_classes)
     return load_timm_model(spec, None, num_classes)
 

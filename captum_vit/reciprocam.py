@@ -318,7 +318,7 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
                 logits = logits.view(n, c1 - c0, -1)
                 if c0 == 0:
                     if reference is not None:
-                        _check_against_reference(logits[0, 0], reference[0], logits.dtype)
+                        _check_against_reference(logits[0, 0], reference[0])
                         reference = None
                     chosen = targets.resolve(logits[:, 0], rows)
                     if resolved is None:
@@ -345,9 +345,9 @@ class _FastPathMismatch(RuntimeError):
     pass
 
 
-def _check_against_reference(fast_row: Tensor, reference: Tensor, dtype: torch.dtype) -> None:
+def _check_against_reference(fast_row: Tensor, reference: Tensor) -> None:
     err = relative_error(fast_row, reference)
-    if err > agreement_tolerance(dtype):
+    if err > agreement_tolerance(fast_row.dtype, reference.dtype):
         raise _FastPathMismatch(
             "forward_func's output depends on patch tokens after the explained block "
             f"(relative difference {err:.2e} from a plain forward)"

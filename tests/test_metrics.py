@@ -121,6 +121,8 @@ def test_pointing_game_cells():
     torch.testing.assert_close(uniform, torch.full((2, 4), 0.25))
     odd_grid = pointing_game(lambda x, t: torch.full((x.shape[0], 1, 5, 5), 0.3), mosaics, targets)
     torch.testing.assert_close(odd_grid, torch.full((2, 4), 0.25))  # upsampled to the mosaic
+    with pytest.raises(ValueError, match=r"one map per example"):
+        pointing_game(lambda x, t: torch.ones(x.shape[0], 3, 4, 4), mosaics, targets)
     zero = pointing_game(constant_map(0.0), mosaics, targets)
     assert torch.all(zero == 0)
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_batch_size, row_chunks
-from ._maps import as_explain_func, upsample_maps
+from ._maps import as_explain_func, as_map_batch, upsample_maps
 
 Box = Tuple[int, int, int, int]  # (x0, y0, x1, y1), pixel corners, end exclusive
 
@@ -77,10 +77,9 @@ def _cell_resolution(maps: Any, size: Sequence[int]) -> Tensor:
     borders, so shares are exact there; bilinear upsampling would leak mass
     across the border. Other maps are upsampled to the mosaic.
     """
-    raw = maps[0] if isinstance(maps, tuple) else maps
-    raw = raw[:, None] if raw.dim() == 3 else raw
+    raw = as_map_batch(maps)
     if raw.shape[-1] % 2 == 0 and raw.shape[-2] % 2 == 0:
-        return raw.detach().float()
+        return raw
     return upsample_maps(raw, size, normalize=False)
 
 

@@ -23,14 +23,8 @@ def as_explain_func(explain: Any) -> ExplainFunc:
     raise TypeError(f"explain_func must be a Captum Attribution or a callable (inputs, target); got {type(explain).__name__}.")
 
 
-def upsample_maps(maps: Any, size: Sequence[int], normalize: bool = True) -> Tensor:
-    """``(B, 1, h, w)`` (or ``(B, h, w)``) maps -> ``(B, 1, H, W)``, bilinear, in ``[0, 1]``.
-
-    Bilinear without ``align_corners``, as ``captum.attr.LayerAttribution.interpolate``.
-    With ``normalize`` each map is min-max scaled, except a constant map,
-    which has no range to scale: it keeps its value, clipped to ``[0, 1]``
-    (so an all-ones map stays all ones).
-    """
+def as_map_batch(maps: Any) -> Tensor:
+    """Explainer output (tensor or 1-tuple; ``(B, 1, h, w)`` or ``(B, h, w)``) as ``(B, 1, h, w)`` float32."""
     if isinstance(maps, tuple):
         maps = maps[0]
     if not isinstance(maps, Tensor):
@@ -42,7 +36,18 @@ def upsample_maps(maps: Any, size: Sequence[int], normalize: bool = True) -> Ten
             f"expected one map per example, (B, 1, h, w); got {tuple(maps.shape)}. "
             "Sum input attributions over channels first (e.g. attr.sum(1, keepdim=True).abs())."
         )
-    maps = maps.detach().float()
+    return maps.detach().float()
+
+
+def upsample_maps(maps: Any, size: Sequence[int], normalize: bool = True) -> Tensor:
+    """``(B, 1, h, w)`` (or ``(B, h, w)``) maps -> ``(B, 1, H, W)``, bilinear, in ``[0, 1]``.
+
+    Bilinear without ``align_corners``, as ``captum.attr.LayerAttribution.interpolate``.
+    With ``normalize`` each map is min-max scaled, except a constant map,
+    which has no range to scale: it keeps its value, clipped to ``[0, 1]``
+    (so an all-ones map stays all ones).
+    """
+    maps = as_map_batch(maps)
     if tuple(maps.shape[-2:]) != tuple(size):
         maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
     if not normalize:
