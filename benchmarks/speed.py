@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from captum_vit import AttentionGuidedGradCAM, AttentionRollout, GradientRollout, LayerReciproCAM  # noqa: E402
-from captum_vit._vit import ViTStructure  # noqa: E402
+from captum_vit.adapters import find_adapter  # noqa: E402
 from captum_vit.baselines import integrated_gradients_map, vit_layer_gradcam  # noqa: E402
 from captum.attr import IntegratedGradients  # noqa: E402
 
@@ -77,11 +77,11 @@ def pytorch_grad_cam_methods(model: torch.nn.Module, batch: int) -> Dict[str, Ca
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
         return {}
-    structure = ViTStructure(model)
-    P = structure.num_prefix_tokens
+    adapter = find_adapter(model)
+    P = adapter.num_prefix_tokens
 
     def reshape(tokens):
-        h, w = structure.static_grid
+        h, w = adapter.grid_for(adapter.model.patch_embed.img_size)
         return tokens[:, P:].reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)
 
     layers = [model.blocks[-1].norm1]

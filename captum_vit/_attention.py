@@ -1,14 +1,15 @@
 """One mechanism that exposes every block's attention: ``S``, ``A`` and ``dy/dA``.
 
-timm's fused attention never materialises the scores ``S`` or the weights
+Fused attention kernels never materialise the scores ``S`` or the weights
 ``A``. :class:`AttentionRecorder` registers a forward hook on each chosen
 attention module that re-computes the module's output with explicit matrices
-(:meth:`captum_vit._vit.AttentionView.explicit`) and returns it in place of
-the fused result, so ``A`` is part of the autograd graph. Nothing is edited:
-the ``fused_attn`` flag is never touched, and the hooks are removed on exit,
-also after an exception. Every hook call also checks that the explicit
-result equals the module's own output, so an attention variant this module
-does not know fails loudly instead of explaining the wrong computation.
+(the adapter's :class:`~captum_vit.adapters.AttentionMath`) and returns it in
+place of the fused result, so ``A`` is part of the autograd graph. Nothing is
+edited: no flag is touched, and the hooks are removed on exit, also after an
+exception. Every hook call also checks that the explicit result equals the
+module's own output, so an attention variant, a forward hook or a patched
+forward that the explicit form does not reproduce fails loudly instead of
+explaining the wrong computation.
 """
 
 from __future__ import annotations
@@ -21,27 +22,36 @@ from torch import Tensor, nn
 
 from ._utils import (
     HookSet,
+    Targets,
     TensorOrTuple,
     agreement_tolerance,
-    relative_error,
-    Targets,
     check_batch_size,
     forward_logits,
     output_maps,
     prepare_inputs,
     prepare_targets,
+    relative_error,
     row_chunks,
 )
-from ._vit import AttentionView, ViTStructure
+from .adapters import (
+    HEAD_PATCHES_ONLY,
+    AttentionMath,
+    BlockView,
+    UnsupportedModelError,
+    ViTAdapter,
+    check_runtime,
+    eager_forward_func,
+    find_adapter,
+)
 
 
 class AttentionRecorder(HookSet):
     """Records ``S`` and ``A`` of the chosen blocks during one forward pass.
 
     Args:
-        structure: the ViT.
-        block_indices: indices into ``structure.blocks``.
-        detach_input: feed ``x.detach()`` to every attention module of the
+        adapter: the ViT's adapter.
+        views: the chosen blocks' views (each with an ``AttentionMath``).
+        detach_input: feed detached inputs to every attention module of the
             model, recorded or not (AGCAM: gradients reach ``A`` only through
             skip connections and MLPs); ``A`` is then a leaf that requires grad.
         requires_grad: make ``A`` part of a differentiable graph even when
@@ -50,58 +60,57 @@ class AttentionRecorder(HookSet):
             (AGCAM reads the class-token row alone); ``None`` keeps all.
 
     After the forward, ``scores[i]`` and ``weights[i]`` hold the ``(B, H, T, T)``
-    scores and weights of block ``block_indices[i]`` (``(B, H, score_rows, T)``
-    scores with ``score_rows``).
+    scores and weights of ``views[i]`` (``(B, H, score_rows, T)`` scores with
+    ``score_rows``).
     """
 
     def __init__(
         self,
-        structure: ViTStructure,
-        block_indices: Sequence[int],
+        adapter: ViTAdapter,
+        views: Sequence[BlockView],
         detach_input: bool = False,
         requires_grad: bool = False,
         score_rows: Optional[int] = None,
     ) -> None:
         super().__init__()
-        self.score_rows = score_rows
-        self.structure = structure
-        self.block_indices = list(block_indices)
+        self.adapter = adapter
+        self.views = list(views)
         self.detach_input = detach_input
         self.requires_grad = requires_grad
-        self.views = [AttentionView(structure.blocks[i].attn) for i in self.block_indices]
+        self.score_rows = score_rows
         self.scores: List[Optional[Tensor]] = []
         self.weights: List[Optional[Tensor]] = []
 
     def __enter__(self) -> "AttentionRecorder":
-        self.reset()
-        for slot, view in enumerate(self.views):
-            self.add(view.module.register_forward_hook(self._hook(slot, view), with_kwargs=True))
-        if self.detach_input:  # every attention input is detached, recorded or not
-            for i, block in enumerate(self.structure.blocks):
-                if i not in self.block_indices:
-                    self.add(block.attn.register_forward_pre_hook(_detach_first_argument))
-        return self
-
-    def reset(self) -> None:
         self.scores = [None] * len(self.views)
         self.weights = [None] * len(self.views)
+        recorded = {id(v.attention_module) for v in self.views}
+        for slot, view in enumerate(self.views):
+            self.add(view.attention_module.register_forward_hook(self._hook(slot, view), with_kwargs=True))
+        if self.detach_input:  # every attention input is detached, recorded or not
+            for block in self.adapter.blocks:
+                module = self.adapter.block_view(block).attention_module
+                if id(module) not in recorded:
+                    self.add(module.register_forward_pre_hook(_detach_tensors, with_kwargs=True))
+        return self
 
-    def _hook(self, slot: int, view: AttentionView):
-        def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Tensor) -> Tensor:
-            if kwargs.get("attn_mask") is not None or kwargs.get("is_causal", False):
-                raise NotImplementedError("attention masks are not supported by captum_vit's attention capture.")
-            x = args[0] if args else kwargs["x"]
+    def _hook(self, slot: int, view: BlockView) -> Callable[..., Any]:
+        math: AttentionMath = view.math  # type: ignore[assignment]
+
+        def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
+            x, call = math.read_call(args, kwargs)
+            math.check_call(call)
             if self.detach_input:
                 x = x.detach()
             elif self.requires_grad and not x.requires_grad:
                 # nothing upstream needs a gradient; a leaf here keeps every A in the graph
                 x = x.detach().requires_grad_(True)
-            out, scores, weights = view.explicit(x, detach_weights=self.detach_input)
+            out, scores, weights = math.explicit(x, call, detach_weights=self.detach_input)
             if not module.training:
-                _check_same_output(module, out, output)
+                _check_same_output(self.adapter, view, out, math.unwrap_output(output))
             self.scores[slot] = scores if self.score_rows is None else scores[:, :, : self.score_rows].detach()
             self.weights[slot] = weights
-            return out
+            return math.wrap_output(output, out)
 
         return hook
 
@@ -111,36 +120,41 @@ class AttentionRecorder(HookSet):
         return list(self.scores), list(self.weights)  # type: ignore[arg-type]
 
 
-def _detach_first_argument(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
-    return (args[0].detach(), *args[1:])
+def _detach_tensors(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
+    detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
+    return tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}
 
 
-def _check_same_output(module: nn.Module, explicit: Tensor, reference: Tensor) -> None:
+def _check_same_output(adapter: ViTAdapter, view: BlockView, explicit: Tensor, reference: Tensor) -> None:
     err = relative_error(explicit, reference)
     if err > agreement_tolerance(reference.dtype):
-        raise RuntimeError(
-            f"captum_vit's explicit attention does not reproduce {type(module).__name__} "
-            f"(relative difference {err:.2e}); this attention variant is not supported."
+        index = adapter.blocks.index(view.block)
+        raise UnsupportedModelError(
+            f"the explicit attention does not reproduce {type(view.attention_module).__name__} of "
+            f"{adapter.blocks_expression()}[{index}] (relative difference {err:.2e}): a forward hook on it, a "
+            "patched forward or an attention variant captum_vit does not know. Remove the hook or patch while "
+            "explaining, or use LayerReciproCAM with path='general', which runs the module as it is."
         )
 
 
-def resolve_blocks(structure: ViTStructure, layers: Optional[Sequence[Any]]) -> List[int]:
+def resolve_blocks(adapter: ViTAdapter, layers: Optional[Sequence[Any]]) -> List[int]:
     """Block indices from ``None`` (all), ints, or block modules."""
+    n = len(adapter.blocks)
     if layers is None:
-        return list(range(len(structure.blocks)))
-    if isinstance(layers, (int, nn.Module)):
+        return list(range(n))
+    if isinstance(layers, (int, nn.Module)) or hasattr(layers, "__index__"):
         layers = [layers]
     indices = []
-    n = len(structure.blocks)
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, (int, nn.Module)):
+        if isinstance(layer, nn.Module):
+            indices.append(adapter.block_index(layer))
+            continue
+        if isinstance(layer, bool) or not hasattr(layer, "__index__"):
             raise TypeError(f"layers must hold block indices or blocks of the model; got {type(layer).__name__}.")
-        if isinstance(layer, int):
-            if not -n <= layer < n:
-                raise ValueError(f"block index {layer} is out of range for a model with {n} blocks.")
-            indices.append(layer % n)
-        else:
-            indices.append(structure.block_index(layer))
+        index = int(layer.__index__())
+        if not -n <= index < n:
+            raise ValueError(f"block index {index} is out of range for a model with {n} blocks.")
+        indices.append(index % n)
     if not indices:
         raise ValueError("layers is empty; pass None for every block.")
     return sorted(set(indices))
@@ -154,12 +168,14 @@ class AttentionExplainer:
     ``dy/dA`` of one target per example) into ``(n, h*w)`` maps.
     """
 
-    #: feed ``x.detach()`` to every attention module (AGCAM)
+    #: feed detached inputs to every attention module (AGCAM)
     detach_attention_input = False
     #: the map depends on the target through ``dy/dA``
     uses_gradients = False
     #: query rows of ``S`` that :meth:`combine` reads (``None``: all)
     score_rows: Optional[int] = None
+    #: name for messages
+    method_name = "this method"
 
     def __init__(
         self,
@@ -170,22 +186,36 @@ class AttentionExplainer:
         r"""
         Args:
             forward_func: the model, or a module/callable around it, mapping
-                ``(B, C, H, W)`` inputs to ``(B, num_classes)`` logits.
-            layers: blocks to use, as indices or modules of ``model.blocks``;
-                ``None`` (default) uses every block.
-            vit: the timm ``VisionTransformer``; needed only when
-                ``forward_func`` is not a module containing it.
+                ``(B, C, H, W)`` inputs to ``(B, num_classes)`` logits; a
+                ``torch.compile``'d model is explained through its eager module.
+            layers: blocks to use, as indices or modules of the model's
+                blocks; ``None`` (default) uses every block.
+            vit: the model; needed only when ``forward_func`` is not a module
+                containing it.
         """
-        super().__init__(forward_func)  # the Captum base class that follows in the MRO
-        self.structure = ViTStructure.find(forward_func, None, vit)
-        if not self.structure.has_class_token:
-            raise ValueError(
-                f"{type(self).__name__} reads the class token's attention row, but this model has no class "
-                "token (class_token=False); use LayerReciproCAM instead."
+        self.adapter = find_adapter(forward_func, None, vit)
+        super().__init__(eager_forward_func(forward_func))  # the Captum base class that follows in the MRO
+        name = type(self).__name__
+        if not self.adapter.has_class_token:
+            raise UnsupportedModelError(
+                f"{name} reads the class token's attention row, but this model has no class token "
+                "(class_token=False); use LayerReciproCAM instead."
             )
-        self.block_indices = resolve_blocks(self.structure, layers)
-        for i in self.block_indices:  # fail now, not at the first call, on unknown attention modules
-            AttentionView(self.structure.blocks[i].attn)
+        if self.adapter.head_reads == HEAD_PATCHES_ONLY:
+            raise UnsupportedModelError(
+                f"{name} explains through the class token's attention row, but the head of this "
+                f"{type(self.adapter.model).__name__} reads {self.adapter.head_reads}: the class token's row "
+                "does not reach the prediction. Use LayerReciproCAM, which explains any head."
+            )
+        self.block_indices = resolve_blocks(self.adapter, layers)
+        self.views = [self.adapter.block_view(self.adapter.blocks[i]) for i in self.block_indices]
+        for i, view in zip(self.block_indices, self.views):  # fail now, not at the first call
+            if view.math is None:
+                raise UnsupportedModelError(
+                    f"{type(view.attention_module).__name__} of {self.adapter.blocks_expression()}[{i}] has no "
+                    f"explicit form in captum_vit, which {name} needs to read the attention matrix. Use "
+                    "LayerReciproCAM (its general path runs any attention module)."
+                )
 
     def combine(self, scores: List[Tensor], weights: List[Tensor], grads: Optional[List[Tensor]], P: int) -> Tensor:
         """``(n, h*w)`` maps from one forward's recorded attention (and ``dy/dA``)."""
@@ -225,26 +255,30 @@ class AttentionExplainer:
         prepared = prepare_inputs(inputs, additional_forward_args)
         targets = prepare_targets(target, prepared.batch_size)
         check_batch_size(batch_size)
-        chunks = [
-            self._maps(prepared.forward_args(rows), targets, rows)
-            for rows in row_chunks(prepared.batch_size, batch_size)
-        ]
+        check_runtime(self.adapter, type(self).__name__, needs_gradients=self.uses_gradients)
+        with self.adapter.explaining():
+            chunks = [
+                self._maps(prepared.forward_args(rows), targets, rows)
+                for rows in row_chunks(prepared.batch_size, batch_size)
+            ]
         return prepared.format(output_maps(torch.cat(chunks), normalize))
 
     def _maps(self, args: Tuple[Any, ...], targets: Targets, rows: slice) -> Tensor:
         recorder = AttentionRecorder(
-            self.structure,
-            self.block_indices,
+            self.adapter,
+            self.views,
             detach_input=self.detach_attention_input,
             requires_grad=self.uses_gradients,
             score_rows=self.score_rows,
         )
+        if self.uses_gradients:  # tensors made under inference_mode cannot enter autograd graphs
+            args = tuple(a.clone() if isinstance(a, Tensor) and a.is_inference() else a for a in args)
         grad_mode = torch.enable_grad() if self.uses_gradients else torch.no_grad()
         with grad_mode:
-            with self.structure.recording_image_size() as size, recorder:
+            with self.adapter.recording_image_size() as size, recorder:
                 logits = forward_logits(self.forward_func, args)  # type: ignore[attr-defined]
             scores, weights = recorder.recorded()
-            P, (h, w) = self.structure.tokens_layout(weights[0].shape[-1], size.image_hw)
+            P, (h, w) = self.adapter.tokens_layout(weights[0].shape[-1], size.image_hw)
             chosen = targets.resolve(logits.detach(), rows)
             n, k = chosen.shape
             if not self.uses_gradients:

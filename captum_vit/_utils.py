@@ -1,6 +1,6 @@
 """Plumbing shared by every explainer: input checks, targets, chunking, hooks.
 
-Nothing here knows what a ViT is (that is :mod:`captum_vit._vit`); this module
+Nothing here knows what a ViT is (that is :mod:`captum_vit.adapters`); this module
 knows Captum's conventions (tensor or tuple inputs, target forms) and how
 ``captum_vit`` answers bad input.
 """
@@ -238,10 +238,18 @@ def row_chunks(total: int, size: Optional[int]) -> Iterator[slice]:
 def forward_logits(forward_func: Callable[..., Any], args: Tuple[Any, ...]) -> Tensor:
     """Call ``forward_func`` and check it returned ``(N, C)`` classifier logits."""
     out = forward_func(*args)
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        out = out[0]
-    elif not isinstance(out, Tensor) and hasattr(out, "logits"):
+    if not isinstance(out, Tensor) and hasattr(out, "logits"):  # transformers' ModelOutput
         out = out.logits
+    elif isinstance(out, (tuple, list)):
+        tensors = [t for t in out if isinstance(t, Tensor)]
+        if len(out) == 1 and tensors:
+            out = tensors[0]
+        elif tensors:
+            raise ValueError(
+                f"forward_func returned {len(out)} outputs, not one logits tensor; which to explain is "
+                "ambiguous. A distilled DeiT returns (class, distillation) logits in distilled-training mode: "
+                "call model.eval(). Otherwise wrap forward_func to return the logits to explain."
+            )
     if not isinstance(out, Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
@@ -263,5 +271,4 @@ def agreement_tolerance(*dtypes: torch.dtype) -> float:
     return 1e-4 if all(d in (torch.float32, torch.float64) for d in dtypes) else 3e-2
 
 
-def model_is_training(module: Any) -> bool:
-    return isinstance(module, nn.Module) and any(m.training for m in module.modules())
+

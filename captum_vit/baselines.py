@@ -15,7 +15,7 @@ from captum.attr import IntegratedGradients, LayerGradCam
 from torch import Tensor, nn
 
 from ._utils import HookSet
-from ._vit import ViTStructure
+from .adapters import ViTAdapter, eager_forward_func, find_adapter
 
 
 class TokenGridForward(nn.Module):
@@ -27,23 +27,23 @@ class TokenGridForward(nn.Module):
     The hook exists only while the call runs.
     """
 
-    def __init__(self, forward_func: Callable[..., Any], layer: nn.Module, structure: ViTStructure) -> None:
+    def __init__(self, forward_func: Callable[..., Any], layer: nn.Module, adapter: ViTAdapter) -> None:
         super().__init__()
         self.forward_func = forward_func
         self.layer = layer
-        self.structure = structure
+        self.adapter = adapter
         self.grid = nn.Identity()
         self._image_hw: Any = None
 
     def forward(self, *args: Any) -> Tensor:
-        with self.structure.recording_image_size() as size, HookSet() as hooks:
+        with self.adapter.recording_image_size() as size, HookSet() as hooks:
             self._image_hw = size
             hooks.add(self.layer.register_forward_hook(self._route))
             return self.forward_func(*args)
 
     def _route(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
         B, T, D = output.shape
-        P, (h, w) = self.structure.tokens_layout(T, self._image_hw.image_hw)
+        P, (h, w) = self.adapter.tokens_layout(T, self._image_hw.image_hw)
         patches = output[:, P:].transpose(1, 2).reshape(B, D, h, w)
         patches = self.grid(patches)
         return torch.cat([output[:, :P], patches.flatten(2).transpose(1, 2)], dim=1)
@@ -57,16 +57,17 @@ def vit_layer_gradcam(
     Args:
         forward_func: the model or a module/callable around it.
         layer: a module inside the ViT whose output is ``(B, T, D)`` tokens;
-            default ``blocks[-1].norm1`` (as pytorch-grad-cam's ViT example).
+            default the last block's first norm (``blocks[-1].norm1`` in timm,
+            as pytorch-grad-cam's ViT example).
         vit: the ViT, if ``forward_func`` is not a module that contains it.
 
     Returns:
         a ``LayerGradCam`` whose ``attribute(inputs, target)`` gives
         ``(B, 1, h, w)`` maps (``relu_attributions=True`` is the usual choice).
     """
-    structure = ViTStructure.find(forward_func, None, vit)
-    layer = structure.blocks[-1].norm1 if layer is None else layer
-    wrapped = TokenGridForward(forward_func, layer, structure)
+    adapter = find_adapter(forward_func, None, vit)
+    layer = adapter.block_view(adapter.blocks[-1]).norm1_module if layer is None else layer
+    wrapped = TokenGridForward(eager_forward_func(forward_func), layer, adapter)
     return LayerGradCam(wrapped, wrapped.grid)
 
 

@@ -25,7 +25,7 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor, nn
 
-from ._vit import ViTStructure
+from .adapters import find_adapter
 from .agcam import AttentionGuidedGradCAM
 from .baselines import integrated_gradients_map, vit_layer_gradcam
 from .reciprocam import LayerReciproCAM
@@ -73,8 +73,8 @@ def explainer(
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
     if name in ("reciprocam", "reciprocam-dirac"):
-        structure = ViTStructure.find(forward_func, None, vit)
-        cam = LayerReciproCAM(forward_func, structure.blocks[-1], vit=structure.model)
+        adapter = find_adapter(forward_func, None, vit)
+        cam = LayerReciproCAM(forward_func, adapter.blocks[-1], vit=adapter.model)
         kernel = "dirac" if name == "reciprocam-dirac" else "gaussian"
         return lambda x, t: cam.attribute(x, target=t, kernel=kernel, batch_size=batch_size)
     if name in ("agcam", "rollout", "grad-rollout"):
@@ -87,11 +87,11 @@ def explainer(
     if name == "layergradcam":
         gradcam = vit_layer_gradcam(forward_func, vit=vit)
         return lambda x, t: gradcam.attribute(x, target=t, relu_attributions=True)
-    structure = ViTStructure.find(forward_func, None, vit)
+    adapter = find_adapter(forward_func, None, vit)
     generator = torch.Generator().manual_seed(seed)
 
     def random_map(x: Tensor, t: Any) -> Tensor:
-        h, w = structure.grid_for(x.shape[-2:])
+        h, w = adapter.grid_for(x.shape[-2:])
         return torch.rand(x.shape[0], 1, h, w, generator=generator).to(x.device)
 
     return random_map

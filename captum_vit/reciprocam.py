@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -21,18 +22,28 @@ from ._utils import (
     check_batch_size,
     check_choice,
     forward_logits,
-    model_is_training,
     output_maps,
     prepare_inputs,
     prepare_targets,
     relative_error,
     row_chunks,
 )
-from ._vit import AttentionView, ViTStructure, block_forward, check_vit_block, prenorm_block_forward
+from .adapters import (
+    HEAD_PREFIX_ONLY,
+    HEAD_UNKNOWN,
+    BlockView,
+    Call,
+    UnsupportedModelError,
+    ViTAdapter,
+    check_runtime,
+    eager_forward_func,
+    find_adapter,
+)
 
 KERNELS = ("gaussian", "dirac")
 SCORES = ("softmax", "logits")
 PATHS = ("auto", "fast", "general")
+RESIDUALS = ("normalized", "input")
 
 #: The paper's 3x3 spatial kernel: binomial weights / 16, centre weight 0.25.
 GAUSSIAN_3X3 = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
@@ -74,6 +85,43 @@ class _StopForward(Exception):
     """Raised by a probe hook to end a forward pass early."""
 
 
+@dataclass(frozen=True)
+class CopySelection:
+    """Which copies of each image one forward pass carries.
+
+    ``unmasked``: the block's own output (used for the prediction) comes
+    first; ``cells``: grid cells whose masked copies follow, in that order.
+    """
+
+    unmasked: bool
+    cells: Tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return int(self.unmasked) + len(self.cells)
+
+
+def plan_copies(
+    num_images: int, num_cells: int, copies_per_call: int
+) -> Iterator[Tuple[slice, CopySelection]]:
+    """``(image rows, copies)`` per forward pass; every image's unmasked copy comes first.
+
+    Whole images are grouped when their ``1 + num_cells`` copies fit, so
+    every image runs the part of the model before the explained block once;
+    an image whose copies do not fit is split into consecutive cell ranges,
+    the first also carrying the unmasked copy.
+    """
+    per_image = num_cells + 1
+    if copies_per_call >= per_image:
+        for rows in row_chunks(num_images, copies_per_call // per_image):
+            yield rows, CopySelection(True, tuple(range(num_cells)))
+        return
+    for b in range(num_images):
+        for chunk in row_chunks(per_image, copies_per_call):  # copy j >= 1 is cell j - 1
+            cells = tuple(range(max(chunk.start, 1) - 1, chunk.stop - 1))
+            yield slice(b, b + 1), CopySelection(chunk.start == 0, cells)
+
+
 class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
     r"""ViT-ReciproCAM: gradient-free class activation maps for ViTs.
 
@@ -84,32 +132,37 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
     :math:`Z = \mathrm{norm1}(X)`, every patch cell :math:`k` of the
     :math:`h \times w` grid gets a token mask :math:`M_k` (a 3x3 binomial
     kernel around the cell, or a one-hot "dirac"; prefix tokens kept) and a
-    masked copy :math:`Z_k = Z \odot M_k` that replaces both the attention
-    input and the residual of the block:
+    masked copy :math:`Z_k = Z \odot M_k` that replaces the attention input.
+    The residual is :math:`R_k = Z_k` (``residual="normalized"``, the
+    authors' first code and the default) or :math:`R_k = X \odot M_k`
+    (``residual="input"``, the authors' later OpenVINO XAI code):
 
     .. math::
-        y_k = Z_k + \mathrm{ls1}(\mathrm{attn}(Z_k)),\quad
+        y_k = R_k + \mathrm{ls1}(\mathrm{attn}(Z_k)),\quad
         y_k \leftarrow y_k + \mathrm{ls2}(\mathrm{mlp}(\mathrm{norm2}(y_k))).
 
     The rest of the model runs on every copy, and the map of class :math:`c`
-    at cell :math:`k` is :math:`\mathrm{softmax}(f(y_k))_c`, min-max scaled
-    per image and class. One pass scores every class, so maps for many
-    targets cost no more than one (:meth:`attribute_all_classes`).
+    at cell :math:`k` is :math:`\mathrm{softmax}(f(y_k))_c` (or the logit),
+    min-max scaled per image and class. One pass scores every class, so maps
+    for many targets cost no more than one (:meth:`attribute_all_classes`).
 
     Two exact ways to compute it:
 
     - the general path: a forward hook on ``layer`` replaces its output by
       the masked copies, run through everything after it in chunks of
-      ``batch_size`` copies;
+      ``batch_size`` copies; it works for every supported family and block;
     - the fast path, when ``layer`` is the last block and the head reads only
-      the prefix tokens (timm ``global_pool="token"``, distilled DeiT): only
-      the prefix rows of each copy matter, and since masks scale rows of
-      linear maps one ``qkv`` projection of :math:`Z` serves every copy. Each
-      copy then costs its prefix queries' attention row and one MLP per
-      prefix token: about one extra forward pass for all :math:`h w` copies.
+      the prefix tokens: only the prefix rows of each copy matter, and since
+      masks scale whole tokens, every token's key and value are projected
+      once per mask value and shared by all copies. Each copy then costs its
+      prefix queries' attention row and one MLP per prefix token: about one
+      extra forward pass for all :math:`h w` copies.
 
-    ``path="auto"`` (default) takes the fast path where it is exact, checked
-    once against a plain forward; the general path everywhere else.
+    ``path="auto"`` (default) uses the fast path only where it is proven by
+    behaviour: before its first use (and again whenever the explained block's
+    modules or hooks change) it is compared with the general path on the
+    unmasked and several masked copies of one image; if they differ, the
+    general path is used and a warning says why.
     """
 
     def __init__(
@@ -122,42 +175,44 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         r"""
         Args:
             forward_func: the model, or any callable around it (a wrapper that
-                normalises or resizes, a function returning ``.logits``)
-                mapping ``(B, C, H, W)`` inputs to ``(B, num_classes)`` logits.
-            layer: the timm ViT block to explain (any of ``model.blocks``;
-                the paper uses the last).
-            vit: the timm ``VisionTransformer`` holding ``layer``; needed only
-                when ``forward_func`` is not a module that contains it.
+                normalises or resizes, a function returning ``.logits``, a
+                ``torch.compile``'d model, which is explained through its eager
+                module) mapping ``(B, C, H, W)`` inputs to ``(B, num_classes)`` logits.
+            layer: the block to explain (any block of the model; the paper
+                uses the last), e.g. ``model.blocks[-1]`` in timm.
+            vit: the model holding ``layer``; needed only when
+                ``forward_func`` is not a module that contains it.
             device_ids: accepted for Captum compatibility (DataParallel).
         """
-        check_vit_block(layer)
+        self.adapter: ViTAdapter = find_adapter(forward_func, layer, vit)
+        forward_func = eager_forward_func(forward_func)
         LayerAttribution.__init__(self, forward_func, layer, device_ids)
         PerturbationAttribution.__init__(self, forward_func)
-        self.structure = ViTStructure.find(forward_func, layer, vit)
-        self.block_index = self.structure.block_index(layer)
-        # "unverified" until one call has checked the fast path against a plain forward
-        self._fast_path_state = "unverified"
+        self.block_index = self.adapter.block_index(layer)
+        self.view: BlockView = self.adapter.block_view(layer)
+        # behavioural verdicts on the fast path: (modules fingerprint, options) -> None (exact) or a reason
+        self._fast_path_verdicts: Dict[Any, Optional[str]] = {}
+        #: the path the last call took, ``"fast"`` or ``"general"`` (``None`` before any call)
+        self.last_path: Optional[str] = None
 
     @property
     def multiplies_by_inputs(self) -> bool:
         return False
 
     def fast_path_unavailable_reason(self) -> Optional[str]:
-        """Why the exact fast path cannot be used for this layer, or ``None``."""
-        from timm.models.vision_transformer import Block
+        """Why the exact fast path cannot be used for this layer, or ``None``.
 
-        if self.block_index != len(self.structure.blocks) - 1:
+        ``None`` means the fast path applies by construction; it is still
+        checked by behaviour before its first use.
+        """
+        if self.block_index != len(self.adapter.blocks) - 1:
             return f"the explained block is block {self.block_index}, not the last one"
-        if not self.structure.head_reads_prefix_only():
-            pool = getattr(self.structure.model, "global_pool", None)
-            return f"the head reads patch tokens (global_pool={pool!r} or a custom head)"
-        if type(self.layer).forward is not Block.forward:
-            return f"{type(self.layer).__name__} is not timm's standard Block"
-        try:
-            AttentionView(self.layer.attn)
-        except TypeError as err:
-            return str(err)
-        return None
+        if self.adapter.head_reads not in (HEAD_PREFIX_ONLY, HEAD_UNKNOWN):
+            return f"the head reads {self.adapter.head_reads}"
+        if self.view.math is None:
+            return f"{type(self.view.attention_module).__name__} has no explicit form in captum_vit"
+        failed = [v for k, v in self._fast_path_verdicts.items() if k[0] == self._fingerprint() and v]
+        return failed[0] if failed else None
 
     @log_usage(part_of_slo=True)
     def attribute(
@@ -171,6 +226,7 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         normalize: bool = True,
         batch_size: Optional[int] = None,
         path: str = "auto",
+        residual: str = "normalized",
     ) -> TensorOrTuple:
         r"""
         Args:
@@ -191,6 +247,8 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
             batch_size: masked copies per call of ``forward_func`` (memory
                 bound); ``None`` picks one from the token count.
             path: ``"auto"``, ``"fast"`` or ``"general"`` (see class doc).
+            residual: ``"normalized"`` (the masked normalised input, default)
+                or ``"input"`` (the masked block input) as the block's residual.
 
         Returns:
             ``(B, 1, h, w)`` maps on the patch grid (``(B, k, h, w)`` for a
@@ -199,8 +257,8 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         """
         prepared = prepare_inputs(inputs, additional_forward_args)
         targets = prepare_targets(target, prepared.batch_size)
-        maps = self._maps(prepared, targets, kernel, keep_prefix_tokens, scores, batch_size, path)
-        return prepared.format(output_maps(maps, normalize))
+        options = _Options(kernel, keep_prefix_tokens, scores, batch_size, path, residual)
+        return prepared.format(output_maps(self._maps(prepared, targets, options), normalize))
 
     def attribute_all_classes(
         self, inputs: TensorOrTuple, additional_forward_args: Any = None, **kwargs: Any
@@ -211,278 +269,266 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         """
         prepared = prepare_inputs(inputs, additional_forward_args)
         normalize = kwargs.pop("normalize", True)
-        maps = self._maps(prepared, prepare_targets(ALL_CLASSES, prepared.batch_size), **_defaults(kwargs))
+        unknown = set(kwargs) - set(_Options.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        maps = self._maps(prepared, prepare_targets(ALL_CLASSES, prepared.batch_size), _Options(**kwargs))
         return prepared.format(output_maps(maps, normalize))
 
     # -- the engine ---------------------------------------------------------
-    def _maps(
-        self,
-        prepared: PreparedInputs,
-        targets: Targets,
-        kernel: str = "gaussian",
-        keep_prefix_tokens: bool = True,
-        scores: str = "softmax",
-        batch_size: Optional[int] = None,
-        path: str = "auto",
-    ) -> Tensor:
-        check_choice(kernel, "kernel", KERNELS)
-        check_choice(scores, "scores", SCORES)
-        check_choice(path, "path", PATHS)
-        check_batch_size(batch_size)
-        if model_is_training(self.structure.model):
-            warnings.warn(
-                "the model is in training mode: dropout makes ReciproCAM scores random. Call model.eval() first.",
-                stacklevel=3,
-            )
-        use_fast = self._use_fast_path(path)
-        with torch.no_grad():
-            if use_fast and self._fast_path_state == "unverified":
-                try:
-                    result = self._run(prepared, targets, kernel, keep_prefix_tokens, scores, batch_size, True, True)
-                except _FastPathMismatch as err:
-                    if path == "fast":
-                        raise ValueError(f"path='fast' is not exact for this forward_func: {err}") from None
-                    warnings.warn(f"ReciproCAM fast path disabled for this explainer: {err}", stacklevel=3)
-                    self._fast_path_state = "unusable"
-                    use_fast = False
-                else:
-                    self._fast_path_state = "verified"
-                    return result
-            return self._run(prepared, targets, kernel, keep_prefix_tokens, scores, batch_size, use_fast, False)
+    def _maps(self, prepared: PreparedInputs, targets: Targets, options: "_Options") -> Tensor:
+        options.check()
+        check_runtime(self.adapter, "ViT-ReciproCAM", needs_gradients=False)
+        _refuse_user_block_hooks(self.layer, self.adapter, self.block_index)
+        with torch.no_grad(), self.adapter.explaining():
+            grid = self._probe_grid(prepared)
+            fast = self._choose_path(prepared, grid, options)
+            maps = self._run(prepared, targets, grid, options, fast)
+        self.last_path = "fast" if fast else "general"
+        return maps
 
-    def _use_fast_path(self, path: str) -> bool:
-        if path == "general":
+    def _choose_path(self, prepared: PreparedInputs, grid: Tuple[int, int], options: "_Options") -> bool:
+        if options.path == "general":
             return False
         reason = self.fast_path_unavailable_reason()
-        if reason is None and self._fast_path_state == "unusable":
-            reason = "forward_func reads patch tokens after the explained block"
-        if reason is not None and path == "fast":
+        if reason is None:
+            key = (self._fingerprint(), options.kernel, options.keep_prefix_tokens, options.residual)
+            if key not in self._fast_path_verdicts:
+                self._fast_path_verdicts[key] = self._verify_fast_path(prepared, grid, options)
+                if self._fast_path_verdicts[key] is not None and options.path == "auto":
+                    warnings.warn(
+                        f"ReciproCAM fast path not used: {self._fast_path_verdicts[key]}; the exact general path "
+                        "runs instead (slower).",
+                        stacklevel=4,
+                    )
+            reason = self._fast_path_verdicts[key]
+        if reason is not None and options.path == "fast":
             raise ValueError(f"path='fast' is not exact here: {reason}. Use path='auto' or 'general'.")
         return reason is None
 
+    def _fingerprint(self) -> Tuple[Any, ...]:
+        """What the fast path's proof depends on: the block's modules, their forwards and hooks."""
+        return tuple(
+            (id(m), type(m), m.__dict__.get("forward"), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+            for m in self.layer.modules()
+        ) + (self.adapter.head_reads,)
+
+    def _verify_fast_path(self, prepared: PreparedInputs, grid: Tuple[int, int], options: "_Options") -> Optional[str]:
+        """Compare fast and general path on the unmasked and a few masked copies of one image.
+
+        An exception on the general path is the caller's (bad arguments, a
+        failing ``forward_func``) and propagates without a verdict; one on the
+        fast path only, or any difference, is a reason not to use it.
+        """
+        K = grid[0] * grid[1]
+        cells = tuple(sorted({0, K // 3, (2 * K) // 3, K - 1}))
+        copies = CopySelection(True, cells)
+        args = prepared.forward_args(slice(0, 1))
+        general = self._forward_copies(args, copies, options, fast=False)
+        try:
+            fast = self._forward_copies(args, copies, options, fast=True)
+        except Exception as err:  # noqa: BLE001 - the reason to fall back, reported in the warning
+            return f"forward_func fails on the prefix rows alone, so it reads patch tokens after the block ({err})"
+        tolerance = agreement_tolerance(fast.dtype, general.dtype)
+        err = relative_error(fast, general)
+        if err <= tolerance:
+            return None
+        if relative_error(fast[:1], general[:1]) > tolerance:  # the unmasked copy differs only by the patch rows
+            return f"forward_func's output depends on patch tokens after the explained block (difference {err:.2e})"
+        return (
+            f"it differs from the general path by {err:.2e} (relative) on masked copies"
+            f"{_likely_cause(self.view, self.adapter)}"
+        )
+
     def _probe_grid(self, prepared: PreparedInputs) -> Tuple[int, int]:
-        """The patch grid for these inputs, from a forward stopped at the patch embedding."""
+        """The patch grid for these inputs, from a forward stopped at the image entry."""
 
         def stop(module: nn.Module, args: Tuple[Any, ...]) -> None:
             raise _StopForward
 
-        with self.structure.recording_image_size() as recorder, HookSet() as hooks:
-            hooks.add(self.structure.model.patch_embed.register_forward_pre_hook(stop))
+        with self.adapter.recording_image_size() as recorder, HookSet() as hooks:
+            hooks.add(self.adapter.image_module.register_forward_pre_hook(stop))
             try:
                 self.forward_func(*prepared.forward_args(slice(0, 1)))
             except _StopForward:
                 pass
         if recorder.image_hw is None:
             raise RuntimeError("forward_func never ran the model's patch embedding; is it the right model?")
-        return self.structure.grid_for(recorder.image_hw)
+        return self.adapter.grid_for(recorder.image_hw)
+
+    def _forward_copies(
+        self, args: Tuple[Any, ...], copies: CopySelection, options: "_Options", fast: bool
+    ) -> Tensor:
+        """``(n * copies.count, C)`` logits of one forward pass carrying ``copies`` of each image."""
+        hook = _MaskedCopies(self.adapter, self.view, options, fast)
+        hook.copies = copies
+        with self.adapter.recording_image_size() as recorder, HookSet() as hooks:
+            hook.recorder = recorder
+            hooks.add(self.layer.register_forward_hook(hook, with_kwargs=True))
+            logits = forward_logits(self.forward_func, args)
+        n = hook.images_seen
+        if logits.shape[0] != n * copies.count:
+            raise RuntimeError(
+                f"forward_func returned {logits.shape[0]} rows for {n} images x {copies.count} copies: "
+                "it must return one row of logits per row of the explained block's output."
+            )
+        return logits
 
     def _run(
-        self,
-        prepared: PreparedInputs,
-        targets: Targets,
-        kernel: str,
-        keep_prefix_tokens: bool,
-        scores: str,
-        batch_size: Optional[int],
-        use_fast: bool,
-        verify_fast: bool,
+        self, prepared: PreparedInputs, targets: Targets, grid: Tuple[int, int], options: "_Options", fast: bool
     ) -> Tensor:
-        h, w = self._probe_grid(prepared)
-        B, K = prepared.batch_size, h * w
-        T = self.structure.num_prefix_tokens + K
-        if batch_size is None:
-            if use_fast:
-                heads = AttentionView(self.layer.attn).num_heads
-                batch_size = max(1, _FAST_SCORE_BUDGET // (T * heads * self.structure.num_prefix_tokens))
-            else:
-                batch_size = max(1, _GENERAL_TOKEN_BUDGET // T)
-        reference = None
-        if verify_fast:  # a plain forward to check that the head reads prefix rows only
-            reference = forward_logits(self.forward_func, prepared.forward_args(slice(0, 1))).float()
-
-        copies = _MaskedCopies(self.structure, self.layer, kernel, keep_prefix_tokens, use_fast)
+        B, K = prepared.batch_size, grid[0] * grid[1]
+        batch_size = options.batch_size or self._default_batch_size(K, fast)
         result: Optional[Tensor] = None
-        resolved: Optional[Tensor] = None
-        with self.structure.recording_image_size() as recorder, HookSet() as hooks:
-            copies.recorder = recorder
-            hooks.add(self.layer.register_forward_hook(copies, with_kwargs=True))
-            for rows, c0, c1 in _plan(B, K + 1, batch_size):
-                copies.copy_range = (c0, c1)
-                logits = self._forward_copies(prepared.forward_args(rows), verify_fast and c0 == 0)
-                n = rows.stop - rows.start
-                if logits.shape[0] != n * (c1 - c0):
-                    raise RuntimeError(
-                        f"forward_func returned {logits.shape[0]} rows for {n} images x {c1 - c0} copies: "
-                        "it must return one row of logits per row of the explained block's output."
-                    )
-                logits = logits.view(n, c1 - c0, -1)
-                if c0 == 0:
-                    if reference is not None:
-                        _check_against_reference(logits[0, 0], reference[0])
-                        reference = None
-                    chosen = targets.resolve(logits[:, 0], rows)
-                    if resolved is None:
-                        resolved = torch.empty(B, chosen.shape[1], dtype=torch.long, device=logits.device)
-                        result = torch.empty(B, K + 1, chosen.shape[1], dtype=torch.float32, device=logits.device)
-                    resolved[rows] = chosen
-                values = logits.float().softmax(-1) if scores == "softmax" else logits.float()
-                index = resolved[rows][:, None, :].expand(n, c1 - c0, -1)
-                result[rows, c0:c1] = values.gather(2, index)
+        chosen_all: Optional[Tensor] = None
+        for rows, copies in plan_copies(B, K, batch_size):
+            n = rows.stop - rows.start
+            logits = self._forward_copies(prepared.forward_args(rows), copies, options, fast)
+            logits = logits.view(n, copies.count, -1).float()
+            if copies.unmasked:
+                chosen = targets.resolve(logits[:, 0], rows)
+                if chosen_all is None:
+                    chosen_all = torch.empty(B, chosen.shape[1], dtype=torch.long, device=logits.device)
+                    result = torch.empty(B, K, chosen.shape[1], dtype=torch.float32, device=logits.device)
+                chosen_all[rows] = chosen
+                logits = logits[:, 1:]
+            assert result is not None and chosen_all is not None
+            values = logits.softmax(-1) if options.scores == "softmax" else logits
+            if copies.cells:
+                index = chosen_all[rows][:, None, :].expand(n, len(copies.cells), -1)
+                result[rows, copies.cells[0] : copies.cells[-1] + 1] = values.gather(2, index)
         assert result is not None
-        return result[:, 1:].permute(0, 2, 1).reshape(B, -1, h, w)
+        return result.permute(0, 2, 1).reshape(B, -1, *grid)
+
+    def _default_batch_size(self, num_cells: int, fast: bool) -> int:
+        T = self.adapter.num_prefix_tokens + num_cells
+        if fast:
+            heads = self.view.math.num_heads if self.view.math is not None else 1
+            return max(1, _FAST_SCORE_BUDGET // (T * heads * self.adapter.num_prefix_tokens))
+        return max(1, _GENERAL_TOKEN_BUDGET // T)
 
 
-    def _forward_copies(self, args: Tuple[Any, ...], first_fast_call: bool) -> Tensor:
-        if not first_fast_call:
-            return forward_logits(self.forward_func, args)
-        try:  # a head that needs patch tokens fails on the prefix-only sequence
-            return forward_logits(self.forward_func, args)
-        except Exception as err:  # noqa: BLE001 - re-raised as a reason to fall back
-            raise _FastPathMismatch(f"forward_func failed on the prefix rows alone ({err})") from err
+@dataclass
+class _Options:
+    """The options of one ``attribute`` call, checked together."""
+
+    kernel: str = "gaussian"
+    keep_prefix_tokens: bool = True
+    scores: str = "softmax"
+    batch_size: Optional[int] = None
+    path: str = "auto"
+    residual: str = "normalized"
+
+    def check(self) -> None:
+        check_choice(self.kernel, "kernel", KERNELS)
+        check_choice(self.scores, "scores", SCORES)
+        check_choice(self.path, "path", PATHS)
+        check_choice(self.residual, "residual", RESIDUALS)
+        check_batch_size(self.batch_size)
+        if not isinstance(self.keep_prefix_tokens, bool):
+            raise TypeError(f"keep_prefix_tokens must be True or False; got {self.keep_prefix_tokens!r}.")
 
 
-class _FastPathMismatch(RuntimeError):
-    pass
-
-
-def _check_against_reference(fast_row: Tensor, reference: Tensor) -> None:
-    err = relative_error(fast_row, reference)
-    if err > agreement_tolerance(fast_row.dtype, reference.dtype):
-        raise _FastPathMismatch(
-            "forward_func's output depends on patch tokens after the explained block "
-            f"(relative difference {err:.2e} from a plain forward)"
+def _refuse_user_block_hooks(layer: nn.Module, adapter: ViTAdapter, index: int) -> None:
+    if layer._forward_hooks:
+        raise UnsupportedModelError(
+            f"{adapter.blocks_expression()}[{index}] has {len(layer._forward_hooks)} forward hook(s) of its own; "
+            "ReciproCAM replaces that block's output with masked copies and cannot apply them to the copies. "
+            "Remove the hooks while explaining (forward pre-hooks and hooks on its sub-modules are fine)."
         )
 
 
-def _defaults(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    allowed = {"kernel", "keep_prefix_tokens", "scores", "batch_size", "path"}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
-    return kwargs
-
-
-def _plan(num_images: int, copies_per_image: int, copies_per_call: int) -> Iterator[Tuple[slice, int, int]]:
-    """``(image rows, first copy, end copy)`` per call; copy 0 is the unmasked output.
-
-    Whole images are grouped when they fit, so every image runs the part of
-    the model before the explained block once; an image whose copies do not
-    fit is split into consecutive copy ranges, the first holding copy 0.
-    """
-    if copies_per_call >= copies_per_image:
-        for rows in row_chunks(num_images, copies_per_call // copies_per_image):
-            yield rows, 0, copies_per_image
-    else:
-        for b in range(num_images):
-            for c in row_chunks(copies_per_image, copies_per_call):
-                yield slice(b, b + 1), c.start, c.stop
+def _likely_cause(view: BlockView, adapter: ViTAdapter) -> str:
+    attn = view.attention_module
+    causes = []
+    if attn._forward_hooks or attn._forward_pre_hooks:
+        causes.append("a forward hook on the attention module")
+    if "forward" in attn.__dict__:
+        causes.append("a patched attention forward")
+    if adapter.head_reads == HEAD_UNKNOWN:
+        causes.append("a head outside the model that reads patch tokens")
+    if not causes:
+        causes.append("a projection or attention variant that is not per-token")
+    return "; likely " + " or ".join(causes)
 
 
 class _MaskedCopies:
     """Forward hook on the explained block: replaces its output by masked copies.
 
-    For a call covering copies ``[c0, c1)`` of each image it returns, per
-    image, the block's own output (copy 0, used for the prediction) and the
-    masked copies of cells ``c0-1 .. c1-2``: full sequences on the general
-    path, only the prefix rows on the fast path.
+    For a pass carrying :class:`CopySelection` ``copies`` it returns, per
+    image, the block's own output (if ``copies.unmasked``) and the masked
+    copies of ``copies.cells``: full sequences on the general path, only the
+    prefix rows on the fast path.
     """
 
-    def __init__(
-        self, structure: ViTStructure, block: nn.Module, kernel: str, keep_prefix_tokens: bool, fast: bool
-    ) -> None:
-        self.structure = structure
-        self.block = block
-        self.kernel = kernel
-        self.keep_prefix_tokens = keep_prefix_tokens
+    def __init__(self, adapter: ViTAdapter, view: BlockView, options: _Options, fast: bool) -> None:
+        self.adapter = adapter
+        self.view = view
+        self.options = options
         self.fast = fast
-        self.copy_range = (0, 0)
+        self.copies = CopySelection(True, ())
         self.recorder: Any = None
-        self._masks: Dict[Any, Tensor] = {}
+        self.images_seen = 0
 
     def masks(self, grid: Tuple[int, int], P: int, like: Tensor) -> Tensor:
-        key = (grid, P, like.device, like.dtype)
-        if key not in self._masks:
-            self._masks[key] = reciprocal_masks(grid, P, self.kernel, self.keep_prefix_tokens, like.device, like.dtype)
-        return self._masks[key]
+        return reciprocal_masks(grid, P, self.options.kernel, self.options.keep_prefix_tokens, like.device, like.dtype)
 
-    def __call__(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Tensor) -> Tensor:
-        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal", False):
-            raise NotImplementedError("LayerReciproCAM does not support blocks called with attention masks.")
-        x = args[0] if args else kwargs["x"]
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
+        x, call = self.view.read_call(args, kwargs)
+        out = self.view.unwrap_output(output)
+        attention_call = self.view.attention_call(call)
+        if self.view.math is not None:
+            self.view.math.check_call(attention_call)
         n, T, D = x.shape
-        P, grid = self.structure.tokens_layout(T, self.recorder.image_hw)
-        c0, c1 = self.copy_range
+        self.images_seen = n
+        P, grid = self.adapter.tokens_layout(T, self.recorder.image_hw)
         parts = []
-        if c0 == 0:
+        if self.copies.unmasked:
             if not self.fast and not module.training:
-                _check_prenorm_block(module, x, output)
-            parts.append((output[:, :P] if self.fast else output)[:, None])
-        if c1 > max(c0, 1):
-            masks = self.masks(grid, P, x)[max(c0, 1) - 1 : c1 - 1]
+                _check_block_wiring(self.view, x, call, out)
+            parts.append((out[:, :P] if self.fast else out)[:, None])
+        if self.copies.cells:
+            masks = self.masks(grid, P, x)[list(self.copies.cells)]  # (c, T)
+            z = self.view.norm1(x)
+            source = z if self.options.residual == "normalized" else x
             if self.fast:
-                parts.append(_fast_prefix_rows(module, x, masks, P))
+                parts.append(_fast_prefix_rows(self.view, z, source, masks, P, attention_call))
             else:
-                z = module.norm1(x)
                 zk = (z[:, None] * masks[None, :, :, None]).reshape(-1, T, D)
-                parts.append(prenorm_block_forward(module, zk).view(n, -1, T, D))
-        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        return out.reshape(-1, *out.shape[2:])
+                rk = zk if source is z else (source[:, None] * masks[None, :, :, None]).reshape(-1, T, D)
+                parts.append(self.view.forward(zk, rk, call).view(n, -1, T, D))
+        copies = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return self.view.wrap_output(output, copies.reshape(-1, *copies.shape[2:]))
 
 
-def _check_prenorm_block(block: nn.Module, x: Tensor, output: Tensor) -> None:
-    err = relative_error(block_forward(block, x), output)
+def _check_block_wiring(view: BlockView, x: Tensor, call: Call, output: Tensor) -> None:
+    err = relative_error(view.forward(view.norm1(x), x, call), output)
     if err > agreement_tolerance(x.dtype):
-        raise TypeError(
-            f"{type(block).__name__}.forward is not the pre-norm ViT block that ReciproCAM re-runs "
-            f"(x + ls1(attn(norm1(x))), then + ls2(mlp(norm2(x)))): relative difference {err:.2e}."
+        raise UnsupportedModelError(
+            f"{type(view.block).__name__}.forward is not the pre-norm block that ReciproCAM re-runs "
+            f"(x + ls1(attn(norm1(x))), then + ls2(mlp(norm2(.)))): relative difference {err:.2e}. "
+            "A patched forward or a different wiring cannot be explained exactly."
         )
 
 
-def _fast_prefix_rows(block: nn.Module, x: Tensor, masks: Tensor, P: int) -> Tensor:
+def _fast_prefix_rows(view: BlockView, z: Tensor, source: Tensor, masks: Tensor, P: int, call: Call) -> Tensor:
     """Prefix rows of the block output for each masked copy, exactly.
 
     Args:
-        block: the last timm ``Block``.
-        x: ``(n, T, D)`` block input.
+        view: the last block.
+        z: ``(n, T, D)`` normalised block input.
+        source: what the residual masks: ``z`` or the block input ``x``.
         masks: ``(c, T)`` token masks of the copies.
         P: number of prefix tokens.
 
     Returns:
-        ``(n, c, P, D)``: rows ``:P`` of ``prenorm_block_forward(block, Z * m)``.
-
-    A mask scales rows of ``Z``, so for copy ``m`` the keys and values are
-    ``m_t * (Z W)_t + b``. Without ``k_norm`` the prefix queries' scores are
-    then ``m_t (q . U_t) + q . b``: one product serves every copy. With
-    ``k_norm`` the keys are not linear in ``m_t``, but masks take few distinct
-    values (0, 1/16, 1/8, 1/4, 1), so keys and scores are computed once per
-    value and gathered per copy. The values need no trick:
-    ``sum_t A_t (m_t U_t + b) = (A * m) @ U + b``.
+        ``(n, c, P, D)``: rows ``:P`` of ``view.forward(z * m, source * m)``;
+        the attention rows come from :meth:`AttentionMath.prefix_rows`, the
+        rest of the block acts on each token alone.
     """
-    att = AttentionView(block.attn)
-    n, T, _ = x.shape
-    c = masks.shape[0]
-    z = block.norm1(x)
-    uq, uk, uv = att.qkv_without_bias(z)  # (n, H, T, d) each
-    bq, bk, bv = att.qkv_bias(z)  # (H, 1, d) each
-    m_prefix = masks[0, :P]  # identical for every copy: all ones or all zeros
-    q = att.module.q_norm(m_prefix[:, None] * uq[:, :, :P] + bq)  # (n, H, P, d)
-
-    if isinstance(att.module.k_norm, nn.Identity):
-        # keys are linear in the mask: S_t = scale * (m_t (q . U_t) + q . b)
-        unmasked = (q * att.scale) @ uk.transpose(-2, -1)  # (n, H, P, T)
-        offset = (q * att.scale) @ bk.transpose(-2, -1)  # (n, H, P, 1)
-        scores = unmasked[:, :, :, None, :] * masks + offset[:, :, :, None, :]  # (n, H, P, c, T)
-    else:
-        levels, level_index = torch.unique(masks, return_inverse=True)  # (V,), (c, T)
-        keys = att.module.k_norm(levels.view(-1, 1, 1, 1, 1) * uk + bk)  # (V, n, H, T, d)
-        level_scores = (q * att.scale) @ keys.transpose(-2, -1)  # (V, n, H, P, T)
-        token = torch.arange(T, device=x.device).expand(c, T)
-        scores = level_scores.permute(0, 4, 1, 2, 3)[level_index, token].permute(2, 3, 4, 0, 1)
-    weights = scores.softmax(dim=-1)  # (n, H, P, c, T)
-    H, d = att.num_heads, att.head_dim
-    mixed = (weights * masks).reshape(n, H, P * c, T) @ uv  # (n, H, P*c, d)
-    heads = mixed.view(n, H, P, c, d) + bv.view(1, H, 1, 1, d)
-    merged = heads.permute(0, 3, 2, 1, 4).reshape(n, c, P, H * d)
-    z_prefix = (m_prefix[:, None] * z[:, :P])[:, None]  # (n, 1, P, D)
-    y = z_prefix + block.ls1(att.output(merged, z_prefix))
-    return y + block.ls2(block.mlp(block.norm2(y)))
+    assert view.math is not None
+    attention = view.math.prefix_rows(z, masks, P, call)  # (n, c, P, D)
+    n, c, _, D = attention.shape
+    residual = (masks[0, :P, None] * source[:, :P])[:, None].expand(n, c, P, D)
+    y = view.finish(residual.reshape(n * c, P, D), attention.reshape(n * c, P, D))
+    return y.view(n, c, P, D)

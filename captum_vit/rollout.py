@@ -35,7 +35,9 @@ class GradientRollout(AttentionExplainer, GradientAttribution):
     Attention-model Explainability for Interpreting Bi-Modal and
     Encoder-Decoder Transformers", ICCV 2021).
 
-    Per block, :math:`\bar A = \mathrm{ReLU}(\mathrm{mean}_h(\nabla_A y_c \odot A))`
+    Per block, :math:`\bar A = \mathrm{mean}_h(\mathrm{ReLU}(\nabla_A y_c \odot A))`
+    (the paper's Eq. 5 and the authors' ``avg_heads``: the ReLU comes before
+    the head mean; captum_vit 0.1 took it after, which gave different maps)
     with :math:`y_c` the target logit; accumulated as
     :math:`R \leftarrow R + \bar A R` from :math:`R = I` in block order, read
     at the class-token row and the patch columns.
@@ -48,5 +50,5 @@ class GradientRollout(AttentionExplainer, GradientAttribution):
         eye = torch.eye(weights[0].shape[-1], dtype=weights[0].dtype, device=weights[0].device)
         relevance = eye.expand_as(weights[0][:, 0])
         for a, g in zip(weights, grads):
-            relevance = relevance + (g * a).mean(dim=1).relu() @ relevance
+            relevance = relevance + (g * a).relu().mean(dim=1) @ relevance
         return relevance[:, 0, P:]

@@ -63,7 +63,7 @@ def literal_gradient_rollout(model, image, target):
     T = weights[0].shape[-1]
     relevance = torch.eye(T)
     for w, g in zip(weights, grads):
-        relevance = relevance + (g[0] * w[0]).mean(0).clamp(min=0) @ relevance
+        relevance = relevance + (g[0] * w[0]).clamp(min=0).mean(0) @ relevance  # Eq. 5: ReLU, then head mean
     return relevance[0, model.num_prefix_tokens :].reshape(grid_of(model, image)).detach()
 
 
@@ -184,6 +184,12 @@ def test_errors():
     no_cls = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match="no class token"):
         AttentionGuidedGradCAM(no_cls)
+    with pytest.raises(ValueError, match=r"head of this VisionTransformer reads patch tokens only \(average pooling\)"):
+        AttentionGuidedGradCAM(model)  # an MAE-style head: the class token's row never reaches it
+    for cls in (AttentionRollout, GradientRollout):
+        with pytest.raises(ValueError, match="Use LayerReciproCAM"):
+            cls(model)
+    model, images = make_model("vit_reg4")
     with pytest.raises(ValueError, match="out of range"):
         AttentionGuidedGradCAM(model, layers=[7])
     with pytest.raises(TypeError, match="block indices"):
@@ -192,13 +198,13 @@ def test_errors():
         AttentionGuidedGradCAM(model).attribute(images * float("nan"))
     with pytest.raises(ValueError, match="batch_size"):
         GradientRollout(model).attribute(images, batch_size=0)
-    with pytest.raises(TypeError, match="no timm Vision Transformer was found in Linear"):
+    with pytest.raises(TypeError, match="no supported Vision Transformer was found in Linear"):
         AttentionGuidedGradCAM(torch.nn.Linear(3, 3))
     blk = model.blocks[0]
     blk.attn = torch.nn.Identity()
-    with pytest.raises(TypeError, match="standard Attention module"):
+    with pytest.raises(TypeError, match=r"Identity of model.blocks\[0\] has no explicit form"):
         AttentionGuidedGradCAM(model)
     token_model, images = make_model("vit_reg4")
     token_model.blocks[-1].attn = torch.nn.Identity().eval()
-    with pytest.raises(ValueError, match="Identity is not timm's standard Attention module"):
+    with pytest.raises(ValueError, match="Identity has no explicit form"):
         LayerReciproCAM(token_model, token_model.blocks[-1]).attribute(images, path="fast")

@@ -95,7 +95,7 @@ def test_fast_path_matches_literal_reference_at_224(deit_tiny_224):
     images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
     explainer = LayerReciproCAM(deit_tiny_224, deit_tiny_224.blocks[-1])
     got = explainer.attribute(images, target=4, normalize=False, path="auto")
-    assert explainer._fast_path_state == "verified"
+    assert explainer.last_path == "fast"
     ref = literal_reciprocam(deit_tiny_224, 11, images[0], "gaussian", True, "softmax")[4]
     assert got.shape == (1, 1, 14, 14)
     torch.testing.assert_close(got[0, 0], ref, atol=1e-5, rtol=1e-5)
@@ -126,11 +126,11 @@ def test_auto_falls_back_when_forward_func_reads_patch_tokens():
         return model.head(model.forward_features(x).mean(dim=1))
 
     explainer = LayerReciproCAM(mean_token_head, model.blocks[-1], vit=model)
-    with pytest.warns(UserWarning, match="fast path disabled"):
+    with pytest.warns(UserWarning, match="fast path not used: forward_func's output depends on patch tokens"):
         auto = explainer.attribute(images, target=1, normalize=False)
+    assert explainer.last_path == "general"
     general = explainer.attribute(images, target=1, normalize=False, path="general")
     torch.testing.assert_close(auto, general)
-    assert explainer._fast_path_state == "unusable"
     with pytest.raises(ValueError, match="not exact"):
         explainer.attribute(images, path="fast")
 

@@ -132,9 +132,9 @@ def test_cuda_matches_cpu():
 # -- bad input --------------------------------------------------------------
 def test_layer_that_is_not_a_vit_block(vit):
     model, _ = vit
-    with pytest.raises(TypeError, match="timm ViT block"):
+    with pytest.raises(TypeError, match=r"layer is a Linear inside the model, not one of its 3 Block blocks.*model.blocks\[-1\]"):
         LayerReciproCAM(model, model.head)
-    with pytest.raises(TypeError, match="timm ViT block"):
+    with pytest.raises(TypeError, match="layer is a Sequential inside the model"):
         LayerReciproCAM(model, model.blocks)
 
 
@@ -142,14 +142,14 @@ def test_model_that_is_not_a_vit():
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
     _, ref = make_model("vit_reg4")
     other, _ = make_model("vit_reg4", seed=3)
-    with pytest.raises(TypeError, match="no timm Vision Transformer"):
+    with pytest.raises(TypeError, match="no supported Vision Transformer was found in Sequential. Supported families: timm"):
         LayerReciproCAM(cnn, other.blocks[-1])
-    with pytest.raises(TypeError, match="pass the model explicitly"):
+    with pytest.raises(TypeError, match="not a torch module.*vit=model"):
         LayerReciproCAM(lambda x: other(x), other.blocks[-1])
-    with pytest.raises(TypeError, match="not a timm Vision Transformer"):
+    with pytest.raises(TypeError, match="no supported Vision Transformer was found in Sequential"):
         LayerReciproCAM(cnn, other.blocks[-1], vit=cnn)
     model, _ = make_model("vit_reg4", seed=4)
-    with pytest.raises(TypeError, match="holding the given layer"):
+    with pytest.raises(TypeError, match=r"not part of this VisionTransformer.*model.blocks\[-1\]"):
         LayerReciproCAM(model, other.blocks[-1])
 
 
@@ -216,25 +216,31 @@ def test_bad_options(vit, kwargs, match):
 
 def test_block_with_foreign_forward_is_refused():
     model, images = make_model("vit_reg4")
+    blk = model.blocks[-1]
 
-    class PostNormBlock(nn.Module):  # has the parts, but not the pre-norm wiring
-        def __init__(self, blk):
+    def post_norm(x):  # the parts of a pre-norm block, wired post-norm
+        x = blk.norm1(x + blk.attn(x))
+        return blk.norm2(x + blk.mlp(x))
+
+    blk.forward = post_norm
+    explainer = LayerReciproCAM(model, blk)
+    before = model_state(model)
+    with pytest.raises(TypeError, match="not the pre-norm block"):
+        explainer.attribute(images, path="general")
+    assert_same_state(before, model_state(model))
+
+    class OwnBlock(nn.Module):  # a block class captum_vit does not know
+        def __init__(self, inner):
             super().__init__()
-            for part in ("norm1", "attn", "ls1", "norm2", "mlp", "ls2"):
-                setattr(self, part, getattr(blk, part))
+            self.inner = inner
 
         def forward(self, x):
-            x = self.norm1(x + self.attn(x))
-            return self.norm2(x + self.mlp(x))
+            return self.inner(x)
 
-    model.blocks[-1] = PostNormBlock(model.blocks[-1])
-    model.eval()
-    explainer = LayerReciproCAM(model, model.blocks[-1])
-    assert "not timm's standard Block" in explainer.fast_path_unavailable_reason()
-    before = model_state(model)
-    with pytest.raises(TypeError, match="not the pre-norm ViT block"):
-        explainer.attribute(images)
-    assert_same_state(before, model_state(model))
+    model, _ = make_model("vit_reg4")
+    model.blocks[-1] = OwnBlock(model.blocks[-1])
+    with pytest.raises(TypeError, match="block OwnBlock is not one captum_vit knows"):
+        LayerReciproCAM(model, model.blocks[-1])
 
 
 def test_forward_func_with_wrong_output(vit):

@@ -1,0 +1,181 @@
+"""One adapter per Vision Transformer family; the only code that knows a model's layout.
+
+:func:`find_adapter` finds the ViT behind a ``forward_func`` (unwrapping
+``torch.compile``, ``DataParallel`` and wrapper modules) and returns the
+adapter of its family; every explainer asks it, and nothing else reads a
+model's internals. Adding a family is one file here plus a line in
+:data:`ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, List, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+from ._base import (
+    HEAD_CLASS_AND_PATCHES,
+    HEAD_PATCHES_ONLY,
+    HEAD_PREFIX_ONLY,
+    HEAD_UNKNOWN,
+    AttentionMath,
+    BlockView,
+    Call,
+    UnsupportedModelError,
+    ViTAdapter,
+)
+from .hf_transformers import HFViTAdapter
+from .open_clip_vit import OpenClipViTAdapter
+from .timm_beit import TimmBeitAdapter
+from .timm_eva import TimmEvaAdapter
+from .timm_vit import TimmNaFlexViTAdapter, TimmViTAdapter
+from .torchvision_vit import TorchvisionViTAdapter
+
+__all__ = [
+    "ADAPTERS", "AttentionMath", "BlockView", "Call", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
+    "HEAD_PREFIX_ONLY", "HEAD_UNKNOWN", "UnsupportedModelError", "ViTAdapter", "check_runtime",
+    "eager_forward_func", "find_adapter", "supported_families",
+]
+
+#: Every family, most specific first.
+ADAPTERS: Tuple[Type[ViTAdapter], ...] = (
+    TimmNaFlexViTAdapter,
+    TimmViTAdapter,
+    TimmEvaAdapter,
+    TimmBeitAdapter,
+    TorchvisionViTAdapter,
+    HFViTAdapter,
+    OpenClipViTAdapter,
+)
+
+#: Class-name fragments of windowed or hierarchical vision transformers: their
+#: tokens are not one flat sequence with prefix tokens, so nothing here applies.
+_WINDOWED = ("swin", "maxvit", "hiera", "mvit", "twins", "pvt", "coat", "nest", "davit", "efficientformer")
+
+
+def supported_families() -> str:
+    return ", ".join(a.family for a in ADAPTERS)
+
+
+def _compiled_type() -> Optional[type]:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:  # noqa: BLE001 - torch without dynamo
+        return None
+    return OptimizedModule
+
+
+def _unwrap(module: Any) -> Any:
+    """The module that does the work: past ``torch.compile`` and (Distributed)DataParallel."""
+    compiled = _compiled_type()
+    while True:
+        if compiled is not None and isinstance(module, compiled):
+            module = module._orig_mod
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+        else:
+            return module
+
+
+def eager_forward_func(forward_func: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward_func`` itself, or the eager module behind a ``torch.compile``'d one.
+
+    Compiled graphs do not run forward hooks added after compilation, and
+    explanations need hooks; the eager module computes the same function.
+    A compiled module nested inside a wrapper cannot be swapped, so it is refused.
+    """
+    compiled = _compiled_type()
+    if compiled is not None and isinstance(forward_func, compiled):
+        forward_func = forward_func._orig_mod
+    root = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
+    if compiled is not None and isinstance(root, nn.Module):
+        for name, sub in root.named_modules():
+            if isinstance(sub, compiled):
+                raise UnsupportedModelError(
+                    f"{name} inside {type(root).__name__} is compiled with torch.compile; explanations hook the "
+                    "model's blocks, which compiled code does not run. Build the wrapper around the uncompiled "
+                    f"module ({name}._orig_mod), or pass the compiled model itself (it is unwrapped)."
+                )
+    return forward_func
+
+
+def _owner(forward_func: Any) -> Optional[nn.Module]:
+    owner = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
+    return _unwrap(owner) if isinstance(owner, nn.Module) else None
+
+
+def _adapters_in(root: nn.Module) -> List[ViTAdapter]:
+    found: List[ViTAdapter] = []
+    for module in root.modules():  # outermost first: a classifier before its backbone
+        for cls in ADAPTERS:
+            if cls.matches(module):
+                found.append(cls(module))
+                break
+    return found
+
+
+def find_adapter(
+    forward_func: Callable[..., Any], layer: Optional[nn.Module] = None, vit: Optional[nn.Module] = None
+) -> ViTAdapter:
+    """The adapter of the ViT behind ``forward_func`` (and holding ``layer``).
+
+    Args:
+        forward_func: the model, a module containing it (a wrapper that
+            normalises or resizes), a compiled or DataParallel model, or a
+            bound method of any of these.
+        layer: a block the caller will explain; the ViT must hold it.
+        vit: the model, when ``forward_func`` is a plain function.
+
+    Raises:
+        UnsupportedModelError: naming the class found, the supported families
+            and what to do.
+    """
+    root = _unwrap(vit) if vit is not None else _owner(forward_func)
+    if root is None:
+        raise UnsupportedModelError(
+            f"forward_func is a {type(forward_func).__name__}, not a torch module, so the Vision Transformer "
+            "inside it cannot be found; pass the model as well, e.g. LayerReciproCAM(fn, layer, vit=model)."
+        )
+    candidates = _adapters_in(root)
+    if not candidates:
+        raise UnsupportedModelError(_not_found_message(root))
+    if layer is not None:
+        holding = [a for a in candidates if any(b is layer for b in a.blocks)]
+        if not holding:
+            candidates[0].block_index(layer)  # raises with advice on which blocks to pass
+        candidates = holding
+    return candidates[0]
+
+
+def _not_found_message(root: nn.Module) -> str:
+    name = type(root).__name__
+    windowed = [type(m).__name__ for m in root.modules() if any(w in type(m).__name__.lower() for w in _WINDOWED)]
+    if windowed:
+        return (
+            f"{windowed[0]} is a windowed or hierarchical vision transformer: its tokens are not one sequence "
+            "with a class token and a patch grid, which every method here needs. Supported families: "
+            f"{supported_families()}."
+        )
+    return (
+        f"no supported Vision Transformer was found in {name}. Supported families: {supported_families()}. "
+        "If the model is one of these behind a plain function, pass it as vit=model."
+    )
+
+
+def check_runtime(adapter: ViTAdapter, who: str, needs_gradients: bool) -> None:
+    """Refuse or warn about the state a call finds the model and torch in."""
+    if needs_gradients and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{who} needs gradients, which torch.inference_mode() forbids; call it outside inference_mode "
+            f"(under torch.no_grad() it works: {who} enables gradients for itself)."
+        )
+    reason = adapter.unsupported_state()
+    if reason is not None:
+        raise UnsupportedModelError(f"{type(adapter.model).__name__}: {reason}.")
+    if any(m.training for m in adapter.model.modules()):
+        warnings.warn(
+            f"the model is in training mode: dropout makes {who} maps random. Call model.eval() first.",
+            stacklevel=4,
+        )

@@ -1,0 +1,420 @@
+"""The adapter seam: what every explainer may ask about a Vision Transformer.
+
+An adapter is the only code that knows a model family's layout. It answers:
+
+- the token layout for the input actually given: prefix tokens (class,
+  distillation, register tokens) and the patch grid (``grid_for``);
+- the blocks, and for one block a :class:`BlockView`: its first norm, its
+  attention branch (called with the extra arguments of the real call, such as
+  RoPE or a relative-position bias), its layer scales and MLP branch, so that
+  ReciproCAM can re-run it on a masked input with the residual it asks for;
+- the attention internals where known, as an :class:`AttentionMath`: the
+  per-token projections ``q, k, v`` and what follows ``A @ v``. The explicit
+  attention (``S``, ``A``) used by AGCAM and the rollouts, and the exact
+  prefix-row computation of the ReciproCAM fast path, are written once here
+  on top of those two family-specific pieces;
+- what the classifier head reads of the last block's output (prefix tokens
+  only, the class token among others, or patch tokens only);
+- the model's own switches that an explanation must turn off for its
+  duration (gradient checkpointing), restored afterwards.
+
+Everything here is read from explicit attributes of the family's classes,
+never guessed from tensor shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+#: What the classifier head reads of the last block's output.
+HEAD_PREFIX_ONLY = "prefix tokens only"
+HEAD_CLASS_AND_PATCHES = "the class token and patch tokens"
+HEAD_PATCHES_ONLY = "patch tokens only (average pooling)"
+HEAD_UNKNOWN = "unknown (a head outside the model)"
+
+
+@dataclass
+class Call:
+    """Extra arguments of a real module call, passed on when it is re-run."""
+
+    args: Tuple[Any, ...] = ()
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> List[Tensor]:
+        return [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, Tensor)]
+
+
+class UnsupportedModelError(TypeError, ValueError):
+    """A model, block or attention module that captum_vit cannot explain exactly.
+
+    A ``TypeError``; also a ``ValueError``, which captum_vit 0.1 raised for
+    some of these refusals (e.g. a model without a class token).
+    """
+
+
+def _merge_heads(o: Tensor) -> Tensor:
+    """``(B, H, T, d)`` -> ``(B, T, H*d)``."""
+    B, H, T, d = o.shape
+    return o.transpose(1, 2).reshape(B, T, H * d)
+
+
+class AttentionMath:
+    """Explicit self-attention of one module, from the family's own parts.
+
+    A family supplies :meth:`project` (the per-token ``q, k, v`` after any
+    per-token transform: biases, q/k norms, rotary embeddings) and
+    :meth:`finish` (everything after ``A @ v``: output norm, gate, output
+    projection); :meth:`score_bias` adds a relative-position bias where the
+    family has one. Everything else is written once here:
+
+    .. math::
+        S = (q \\cdot \\text{scale})\\,k^\\top + \\text{bias},\\quad A = \\mathrm{softmax}(S),\\quad
+        \\text{out} = \\mathrm{finish}(A v).
+
+    ``project`` and ``finish`` must act on each token on its own (no mixing
+    across tokens): the ReciproCAM fast path relies on that and the fast path's
+    behavioural check verifies it.
+    """
+
+    #: ``project`` is affine in its input (linear maps, biases, rotary
+    #: embeddings; no q/k norm), which lets the fast path project once
+    affine: bool = True
+
+    def __init__(self, module: nn.Module, num_heads: int, head_dim: int, scale: float) -> None:
+        self.module = module
+        self.num_heads = int(num_heads)
+        self.head_dim = int(head_dim)
+        self.scale = float(scale)
+
+    # -- the family's parts -----------------------------------------------
+    def read_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
+        """Split the module's call into its ``(B, T, D)`` input and the rest."""
+        if args:
+            return args[0], Call(args[1:], dict(kwargs))
+        kwargs = dict(kwargs)
+        return kwargs.pop(next(iter(kwargs))), Call((), kwargs)
+
+    def check_call(self, call: Call) -> None:
+        """Refuse calls the explicit form does not reproduce (attention masks)."""
+        for name in ("attn_mask", "attention_mask", "key_padding_mask"):
+            if call.kwargs.get(name) is not None:
+                raise UnsupportedModelError(
+                    f"{type(self.module).__name__} was called with {name}; captum_vit explains unmasked "
+                    "self-attention only. Explain images without padding or masks."
+                )
+        if call.kwargs.get("is_causal"):
+            raise UnsupportedModelError("causal attention is not a ViT's self-attention; it is not supported.")
+
+    def project(self, x: Tensor, call: Call) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(B, T, D)`` -> query, key, value, each ``(B, H, T, d)``."""
+        raise NotImplementedError
+
+    def score_bias(self, call: Call) -> Optional[Tensor]:
+        """An additive ``(..., H, T, T)`` bias of the scores, or ``None``."""
+        return None
+
+    def finish(self, merged: Tensor, x: Tensor) -> Tensor:
+        """``(B, T, H*d)`` head outputs (and the module input ``x``) -> module output."""
+        raise NotImplementedError
+
+    def attention_dropout(self, weights: Tensor) -> Tensor:
+        return weights
+
+    def wrap_output(self, original: Any, out: Tensor) -> Any:
+        """The module's output structure with ``out`` in place of its tensor."""
+        return out
+
+    def unwrap_output(self, output: Any) -> Tensor:
+        return output
+
+    # -- written once -------------------------------------------------------
+    def split_heads(self, u: Tensor) -> Tensor:
+        """``(B, T, H*d)`` -> ``(B, H, T, d)``."""
+        B, T, _ = u.shape
+        return u.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def explicit(self, x: Tensor, call: Call, detach_weights: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        """Attention with explicit matrices.
+
+        Args:
+            x: ``(B, T, D)`` input of the attention module.
+            call: the rest of the module's call (e.g. rotary embeddings).
+            detach_weights: make ``A`` a leaf that requires grad, so that
+                ``d y / d A`` exists even when nothing upstream requires grad.
+
+        Returns:
+            ``(out, S, A)``: the module output ``(B, T, D)``, the pre-softmax
+            scores and the attention weights, both ``(B, H, T, T)``.
+        """
+        q, k, v = self.project(x, call)
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.score_bias(call)
+        if bias is not None:
+            scores = scores + bias
+        weights = scores.softmax(dim=-1)
+        if detach_weights:
+            weights = weights.detach().requires_grad_(True)
+        out = self.attention_dropout(weights) @ v
+        return self.finish(_merge_heads(out), x), scores, weights
+
+    def prefix_rows(self, z: Tensor, masks: Tensor, num_prefix: int, call: Call) -> Tensor:
+        """Attention output of the prefix rows of every masked copy, exactly.
+
+        Args:
+            z: ``(n, T, D)`` unmasked attention input.
+            masks: ``(c, T)`` token masks; copy ``j`` is ``z * masks[j][:, None]``.
+            num_prefix: ``P``, the prefix rows wanted (every mask holds the same
+                value, 0 or 1, on all of them).
+            call: the rest of the module's call.
+
+        Returns:
+            ``(n, c, P, D)``: rows ``:P`` of the module's output on each copy.
+
+        A mask scales whole tokens and ``project`` acts per token, so copy
+        ``j``'s key and value of token ``t`` are the projections of
+        ``masks[j, t] * z_t``. Masks take few distinct values (0, 1/16, 1/8,
+        1/4, 1), so every token is projected once per value and gathered per
+        copy: ``P`` queries against ``T`` keys per copy, instead of the full
+        ``T x T`` attention of every copy.
+        """
+        n, T, _ = z.shape
+        c = masks.shape[0]
+        H, d = self.num_heads, self.head_dim
+        levels, level_of = torch.unique(masks, return_inverse=True)  # (V,), (c, T)
+        if self.affine:  # project(m z) = m project(z) + (1 - m) project(0): one full projection
+            full = self.project(z, call)
+            zero = self.project(torch.zeros_like(z[:1]), call)
+            qkv = [tuple(level * f + (1 - level) * o for f, o in zip(full, zero)) for level in levels]
+        else:
+            qkv = [self.project(level * z, call) for level in levels]
+        prefix_level = int(level_of[0, 0])  # masks agree on every prefix row
+        q = qkv[prefix_level][0][:, :, :num_prefix] * self.scale  # (n, H, P, d)
+        level_scores = torch.stack([q @ k.transpose(-2, -1) for _, k, _ in qkv])  # (V, n, H, P, T)
+        token = torch.arange(T, device=z.device).expand(c, T)
+        scores = level_scores.permute(0, 4, 1, 2, 3)[level_of, token]  # (c, T, n, H, P)
+        scores = scores.permute(2, 3, 4, 0, 1)  # (n, H, P, c, T)
+        bias = self.score_bias(call)
+        if bias is not None:
+            scores = scores + bias[..., :num_prefix, None, :]
+        weights = self.attention_dropout(scores.softmax(dim=-1)).reshape(n, H, num_prefix * c, T)
+        mixed = z.new_zeros(n, H, num_prefix * c, d)
+        for value, (_, _, v) in enumerate(qkv):  # sum_t A_jt v_t(level of copy j at t)
+            chosen = (level_of == value).to(weights.dtype)  # (c, T)
+            mixed = mixed + (weights.view(n, H, num_prefix, c, T) * chosen).reshape(n, H, -1, T) @ v
+        merged = mixed.view(n, H, num_prefix, c, d).permute(0, 3, 2, 1, 4).reshape(n * c, num_prefix, H * d)
+        z_prefix = (levels[prefix_level] * z[:, :num_prefix]).repeat_interleave(c, dim=0)
+        return self.finish(merged, z_prefix).view(n, c, num_prefix, -1)
+
+
+class BlockView:
+    """One pre-norm block: ``y = r + ls1(attn(norm1(x))); y + ls2(mlp(norm2(y)))``.
+
+    A family subclass maps these parts to the block's own sub-modules. The
+    standard call uses ``r = x``; ReciproCAM re-runs the block on a masked
+    normalised input with the residual it chooses (:meth:`forward`).
+    """
+
+    def __init__(self, block: nn.Module, math: Optional[AttentionMath]) -> None:
+        self.block = block
+        self.math = math
+
+    #: sub-module whose output is the normalised block input (Captum LayerGradCam reads it)
+    norm1_module: nn.Module
+    #: the attention module, hooked by the attention capture
+    attention_module: nn.Module
+
+    def read_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
+        """Split the block's call into its ``(B, T, D)`` input and the rest."""
+        if args:
+            return args[0], Call(args[1:], dict(kwargs))
+        kwargs = dict(kwargs)
+        return kwargs.pop(next(iter(kwargs))), Call((), kwargs)
+
+    def attention_call(self, call: Call) -> Call:
+        """The attention module's extra arguments, given the block's."""
+        return Call()
+
+    def wrap_output(self, original: Any, y: Tensor) -> Any:
+        return y
+
+    def unwrap_output(self, output: Any) -> Tensor:
+        return output
+
+    def norm1(self, x: Tensor) -> Tensor:
+        return self.norm1_module(x)
+
+    def attention(self, z: Tensor, call: Call) -> Tensor:
+        """The module's own attention forward (hooks and patches included)."""
+        raise NotImplementedError
+
+    def layer_scale1(self, a: Tensor) -> Tensor:
+        return a
+
+    def mlp_branch(self, y: Tensor) -> Tensor:
+        """``ls2(mlp(norm2(y)))``."""
+        raise NotImplementedError
+
+    def finish(self, residual: Tensor, attention_out: Tensor) -> Tensor:
+        y = residual + self.layer_scale1(attention_out)
+        return y + self.mlp_branch(y)
+
+    def forward(self, z: Tensor, residual: Tensor, call: Call) -> Tensor:
+        """The block on attention input ``z`` with ``residual`` (``r = x`` normally)."""
+        return self.finish(residual, self.attention(z, self.attention_call(call)))
+
+
+class ViTAdapter:
+    """The layout of one Vision Transformer family.
+
+    Subclasses set ``family`` and implement :meth:`matches` and the abstract
+    properties; see the module docstring for what each answers.
+    """
+
+    #: a short name, e.g. "timm VisionTransformer"
+    family: ClassVar[str] = ""
+    #: the library whose classes this adapter knows
+    library: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    # -- layout --------------------------------------------------------------
+    @property
+    def blocks(self) -> List[nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def has_class_token(self) -> bool:
+        return True
+
+    @property
+    def image_module(self) -> nn.Module:
+        """The module that receives the image; its input size decides the grid."""
+        raise NotImplementedError
+
+    def grid_for(self, image_hw: Sequence[int]) -> Tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def head_reads(self) -> str:
+        """One of the ``HEAD_*`` constants of this module."""
+        raise NotImplementedError
+
+    def block_view(self, block: nn.Module) -> BlockView:
+        raise NotImplementedError
+
+    # -- switches an explanation turns off for its duration -----------------
+    def checkpointing_flags(self) -> List[Tuple[Any, str]]:
+        """``(object, attribute)`` pairs that switch gradient checkpointing on."""
+        return []
+
+    def unsupported_state(self) -> Optional[str]:
+        """Why the model cannot be explained in its current state, or ``None``."""
+        return None
+
+    # -- shared helpers -----------------------------------------------------
+    def block_index(self, layer: nn.Module) -> int:
+        for i, b in enumerate(self.blocks):
+            if b is layer:
+                return i
+        names = dict(self.model.named_modules())
+        kind = type(self.blocks[0]).__name__
+        if any(m is layer for m in names.values()):
+            raise UnsupportedModelError(
+                f"layer is a {type(layer).__name__} inside the model, not one of its {len(self.blocks)} "
+                f"{kind} blocks; pass a block, e.g. the last: {self.blocks_expression()}[-1]."
+            )
+        raise UnsupportedModelError(
+            f"layer ({type(layer).__name__}) is not part of this {type(self.model).__name__}; pass one of "
+            f"its {kind} blocks, e.g. {self.blocks_expression()}[-1]."
+        )
+
+    def blocks_expression(self) -> str:
+        """How a user reaches the blocks, for error messages (e.g. ``model.blocks``)."""
+        blocks = self.blocks
+        for name, module in self.model.named_modules():
+            if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) == len(blocks) and module[0] is blocks[0]:
+                return f"model.{name}"
+        return "the model's blocks"
+
+    def tokens_layout(self, num_tokens: int, image_hw: Sequence[int]) -> Tuple[int, Tuple[int, int]]:
+        """``(P, (h, w))`` for a block input of ``num_tokens`` tokens; checked."""
+        h, w = self.grid_for(image_hw)
+        P = self.num_prefix_tokens
+        if P + h * w != num_tokens:
+            raise RuntimeError(
+                f"token layout mismatch: the block sees {num_tokens} tokens but the {self.family} declares "
+                f"{P} prefix tokens and a {h}x{w} grid for a {tuple(image_hw)} image. Is forward_func "
+                "running this model's blocks in the standard order, without token dropping?"
+            )
+        return P, (h, w)
+
+    @contextlib.contextmanager
+    def recording_image_size(self) -> Iterator["ImageSizeRecorder"]:
+        """Record the spatial size of the image entering :attr:`image_module`.
+
+        The explained inputs may be resized by ``forward_func`` (e.g. CIFAR
+        32x32 images upsampled to 224x224), so the grid is taken from what the
+        model actually receives.
+        """
+        recorder = ImageSizeRecorder()
+        handle = self.image_module.register_forward_pre_hook(recorder, with_kwargs=True)
+        try:
+            yield recorder
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def explaining(self) -> Iterator[None]:
+        """Turn off gradient checkpointing for one call; restore it afterwards."""
+        flags = [(obj, name, getattr(obj, name)) for obj, name in self.checkpointing_flags()]
+        try:
+            for obj, name, _ in flags:
+                setattr(obj, name, False)
+            yield
+        finally:
+            for obj, name, value in flags:
+                setattr(obj, name, value)
+
+
+@dataclass
+class ImageSizeRecorder:
+    """Forward pre-hook that stores the ``(H, W)`` of the last image input."""
+
+    image_hw: Optional[Tuple[int, int]] = None
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        image = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+        self.image_hw = (int(image.shape[-2]), int(image.shape[-1]))
+
+
+def lazy_isinstance(module: Any, import_path: str, names: Sequence[str]) -> bool:
+    """``isinstance(module, path.name)`` for any of ``names``, without importing an absent library."""
+    import importlib
+    import sys
+
+    top = import_path.split(".")[0]
+    if top not in sys.modules:  # a model of that library exists only if it was imported
+        return False
+    try:
+        lib = importlib.import_module(import_path)
+    except Exception:  # noqa: BLE001 - a broken optional library is simply not a match
+        return False
+    classes = tuple(getattr(lib, n) for n in names if hasattr(lib, n))
+    return bool(classes) and isinstance(module, classes)
+
+
+Matcher = Callable[[nn.Module], bool]

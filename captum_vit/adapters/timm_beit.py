@@ -1,0 +1,113 @@
+"""timm ``Beit`` (BEiT, BEiT v2): relative-position bias added to the scores.
+
+Blocks are timm's BEiT ``Block`` (pre-norm, layer scale ``gamma_1``/``gamma_2``);
+a shared relative-position bias reaches each block as ``shared_rel_pos_bias``
+and is passed on unchanged when a block is re-run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import AttentionMath, BlockView, Call, UnsupportedModelError, ViTAdapter
+from .timm_vit import timm_head_reads
+
+
+class BeitAttentionMath(AttentionMath):
+    """BEiT ``Attention``: ``qkv`` with q/v biases, scores plus (shared) relative-position bias."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module, module.num_heads, module.qkv.weight.shape[0] // (3 * module.num_heads), module.scale)
+
+    def project(self, x: Tensor, call: Call) -> Tuple[Tensor, Tensor, Tensor]:
+        m = self.module
+        if m.q_bias is None:
+            qkv = m.qkv(x)
+        else:
+            bias = torch.cat((m.q_bias, m.k_bias, m.v_bias))
+            qkv = m.qkv(x) + bias if m.qkv_bias_separate else F.linear(x, m.qkv.weight, bias)
+        q, k, v = (self.split_heads(u) for u in qkv.chunk(3, dim=-1))
+        return q, k, v
+
+    def score_bias(self, call: Call) -> Optional[Tensor]:
+        m = self.module
+        bias = m._get_rel_pos_bias() if m.relative_position_bias_table is not None else None
+        shared = call.kwargs.get("shared_rel_pos_bias")
+        if shared is not None:
+            bias = shared if bias is None else bias + shared
+        return bias
+
+    def finish(self, merged: Tensor, x: Tensor) -> Tensor:
+        return self.module.proj_drop(self.module.proj(merged))
+
+    def attention_dropout(self, weights: Tensor) -> Tensor:
+        return self.module.attn_drop(weights)
+
+
+class BeitBlockView(BlockView):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block, BeitAttentionMath(block.attn))
+        self.norm1_module = block.norm1
+        self.attention_module = block.attn
+
+    def attention_call(self, call: Call) -> Call:
+        return Call((), {"shared_rel_pos_bias": call.kwargs.get("shared_rel_pos_bias")})
+
+    def attention(self, z: Tensor, call: Call) -> Tensor:
+        return self.block.attn(z, **call.kwargs)
+
+    def layer_scale1(self, a: Tensor) -> Tensor:
+        b = self.block
+        return b.drop_path1(a if b.gamma_1 is None else b.gamma_1 * a)
+
+    def mlp_branch(self, y: Tensor) -> Tensor:
+        b = self.block
+        m = b.mlp(b.norm2(y))
+        return b.drop_path2(m if b.gamma_2 is None else b.gamma_2 * m)
+
+
+class TimmBeitAdapter(ViTAdapter):
+    """timm ``Beit``."""
+
+    family = "timm Beit"
+    library = "timm"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        from timm.models.beit import Beit
+
+        return isinstance(module, Beit)
+
+    @property
+    def blocks(self) -> List[nn.Module]:
+        return list(self.model.blocks)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def image_module(self) -> nn.Module:
+        return self.model.patch_embed
+
+    def grid_for(self, image_hw: Sequence[int]) -> Tuple[int, int]:
+        h, w = self.model.patch_embed.grid_size  # the relative-position tables fix the grid
+        return int(h), int(w)
+
+    @property
+    def head_reads(self) -> str:
+        return timm_head_reads(self.model, self.num_prefix_tokens)
+
+    def block_view(self, block: nn.Module) -> BlockView:
+        from timm.models.beit import Block
+
+        if type(block) is not Block:
+            raise UnsupportedModelError(f"BEiT block {type(block).__name__} is not timm's beit.Block.")
+        return BeitBlockView(block)
+
+    def checkpointing_flags(self) -> List[Tuple[Any, str]]:
+        return [(self.model, "grad_checkpointing")]
