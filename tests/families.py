@@ -1,0 +1,418 @@
+"""Small randomly initialised models of every supported family, and literal references.
+
+The references are written here from each family's own sub-modules, one image
+and one masked copy at a time (ReciproCAM) or one explicit attention matrix at
+a time (AGCAM, rollouts), independently of captum_vit's adapters. They are
+shared by ``test_families.py`` and ``benchmarks/support_table.py`` (which
+writes the README's table of supported models).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SIZE = 64  # 64x64 images, patch 16: a 4x4 grid
+DIM, HEADS, DEPTH, CLASSES = 64, 4, 3, 10
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-draw every parameter (biases, norms, layer scales) so no term can hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            last = name.split(".")[-1]
+            if ("norm" in name or "ln" in name) and last == "weight":
+                p.copy_(1.0 + 0.2 * noise)
+            elif last in ("gamma", "gamma_1", "gamma_2", "lambda1") or ".ls" in name:
+                p.copy_(0.5 + 0.2 * noise)
+            elif "position_bias_table" in name:
+                p.copy_(0.5 * noise)
+            else:
+                p.copy_(0.08 * noise)
+    return model.eval()
+
+
+class Headed(nn.Module):
+    """A backbone that returns an embedding, with a user's linear head."""
+
+    def __init__(self, backbone: nn.Module, features: Callable[[Any], torch.Tensor], width: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.features = features
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.features(self.backbone(x)))
+
+
+# -- factories -----------------------------------------------------------------
+def timm_vit():
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
+                             num_classes=CLASSES, qkv_bias=True, reg_tokens=2)
+
+
+def timm_deit_distilled():
+    from timm.models.deit import VisionTransformerDistilled
+
+    return VisionTransformerDistilled(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
+                                      num_classes=CLASSES)
+
+
+def timm_vit_avgpool():
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
+                             num_classes=CLASSES, global_pool="avg")
+
+
+def timm_naflexvit():
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    cfg = NaFlexVitCfg(patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, global_pool="token",
+                       class_token=True, reg_tokens=1)
+    return NaFlexVit(cfg, num_classes=CLASSES, img_size=SIZE)
+
+
+def timm_eva02():
+    from timm.models.eva import Eva
+
+    return Eva(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES,
+               global_pool="token", use_rot_pos_emb=True, ref_feat_shape=(4, 4), swiglu_mlp=True, scale_mlp=True,
+               init_values=0.5, qkv_fused=False)
+
+
+def timm_vit_rope():
+    from timm.models.eva import Eva
+
+    return Eva(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES,
+               global_pool="avg", use_rot_pos_emb=True, num_reg_tokens=1, qkv_fused=True, qk_norm=True,
+               init_values=0.5)
+
+
+def timm_beit():
+    from timm.models.beit import Beit
+
+    return Beit(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES,
+                global_pool="token", use_rel_pos_bias=True, init_values=0.5, use_abs_pos_emb=False)
+
+
+def torchvision_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=SIZE, patch_size=16, num_layers=DEPTH, num_heads=HEADS, hidden_dim=DIM,
+                             mlp_dim=2 * DIM, num_classes=CLASSES)
+
+
+def _hf_kw():
+    return dict(hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=2 * DIM,
+                image_size=SIZE, patch_size=16, num_labels=CLASSES)
+
+
+def hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(**_hf_kw()))
+
+
+def hf_deit_teacher():
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    return DeiTForImageClassificationWithTeacher(DeiTConfig(**_hf_kw()))
+
+
+def hf_dinov2_registers():
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersForImageClassification
+
+    kw = _hf_kw()
+    kw.pop("intermediate_size")
+    return Dinov2WithRegistersForImageClassification(Dinov2WithRegistersConfig(num_register_tokens=2, **kw))
+
+
+def hf_dinov2():
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    kw = _hf_kw()
+    kw.pop("intermediate_size")
+    return Dinov2ForImageClassification(Dinov2Config(**kw))
+
+
+def hf_clip_vision_head():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    kw = _hf_kw()
+    kw.pop("num_labels")
+    return Headed(CLIPVisionModel(CLIPVisionConfig(**kw)), lambda out: out.pooler_output, DIM)
+
+
+def open_clip_vit():
+    from open_clip.transformer import VisionTransformer
+
+    tower = VisionTransformer(image_size=SIZE, patch_size=16, width=DIM, layers=DEPTH, heads=HEADS, mlp_ratio=2.0,
+                              ls_init_value=0.5, output_dim=32)
+    return Headed(tower, lambda e: e, 32)
+
+
+#: name -> (factory, the blocks of the built model, library)
+FAMILIES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], List[nn.Module]], str]] = {
+    "timm ViT (2 registers)": (timm_vit, lambda m: list(m.blocks), "timm"),
+    "timm DeiT distilled": (timm_deit_distilled, lambda m: list(m.blocks), "timm"),
+    "timm ViT, avg pool (MAE-style)": (timm_vit_avgpool, lambda m: list(m.blocks), "timm"),
+    "timm NaFlexViT": (timm_naflexvit, lambda m: list(m.blocks), "timm"),
+    "timm EVA-02 (RoPE, SwiGLU)": (timm_eva02, lambda m: list(m.blocks), "timm"),
+    "timm RoPE ViT (qk-norm, avg pool)": (timm_vit_rope, lambda m: list(m.blocks), "timm"),
+    "timm BEiT (relative position bias)": (timm_beit, lambda m: list(m.blocks), "timm"),
+    "torchvision ViT": (torchvision_vit, lambda m: list(m.encoder.layers), "torchvision"),
+    "transformers ViTForImageClassification": (hf_vit, lambda m: list(m.vit.layers), "transformers"),
+    "transformers DeiTForImageClassificationWithTeacher": (hf_deit_teacher, lambda m: list(m.deit.layers), "transformers"),
+    "transformers Dinov2ForImageClassification": (hf_dinov2, lambda m: list(m.dinov2.encoder.layer), "transformers"),
+    "transformers Dinov2WithRegisters (2 registers)": (
+        hf_dinov2_registers, lambda m: list(m.dinov2_with_registers.encoder.layer), "transformers"),
+    "transformers CLIPVisionModel + linear head": (
+        hf_clip_vision_head, lambda m: list(m.backbone.encoder.layers), "transformers"),
+    "open_clip VisionTransformer + linear head": (
+        open_clip_vit, lambda m: list(m.backbone.transformer.resblocks), "open_clip"),
+}
+
+
+def build(name: str, seed: int = 0) -> Tuple[nn.Module, List[nn.Module], torch.Tensor]:
+    factory, blocks, _ = FAMILIES[name]
+    torch.manual_seed(seed)
+    model = randomize(factory(), seed)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed + 1))
+    return model, blocks(model), images
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+#: Prefix tokens of each family as built above, written out (not read from the library).
+PREFIX = {
+    "timm ViT (2 registers)": 3, "timm DeiT distilled": 2, "timm ViT, avg pool (MAE-style)": 1, "timm NaFlexViT": 2,
+    "timm EVA-02 (RoPE, SwiGLU)": 1, "timm RoPE ViT (qk-norm, avg pool)": 2, "timm BEiT (relative position bias)": 1,
+    "torchvision ViT": 1, "transformers ViTForImageClassification": 1,
+    "transformers DeiTForImageClassificationWithTeacher": 2, "transformers Dinov2ForImageClassification": 1,
+    "transformers Dinov2WithRegisters (2 registers)": 3, "transformers CLIPVisionModel + linear head": 1,
+    "open_clip VisionTransformer + linear head": 1,
+}
+#: Families whose head never reads the class token: attention methods must refuse.
+PATCH_POOLED = {"timm ViT, avg pool (MAE-style)", "timm RoPE ViT (qk-norm, avg pool)"}
+#: Families whose head reads more than prefix tokens: no ReciproCAM fast path.
+NO_FAST_PATH = PATCH_POOLED | {"transformers Dinov2ForImageClassification", "transformers Dinov2WithRegisters (2 registers)"}
+
+BINOMIAL = [[1, 2, 1], [2, 4, 2], [1, 2, 1]]
+
+
+def literal_masks(h: int, w: int, P: int, kernel: str, keep_prefix: bool) -> torch.Tensor:
+    """Masks written out cell by cell (methods.md 1.2), independent of the library."""
+    masks = []
+    for i in range(h):
+        for j in range(w):
+            m = [1.0 if keep_prefix else 0.0] * P + [0.0] * (h * w)
+            if kernel == "dirac":
+                m[P + i * w + j] = 1.0
+            else:
+                for di in (-1, 0, 1):
+                    for dj in (-1, 0, 1):
+                        ii, jj = i + di, j + dj
+                        if 0 <= ii < h and 0 <= jj < w:
+                            m[P + ii * w + jj] = BINOMIAL[di + 1][dj + 1] / 16.0
+            masks.append(m)
+    return torch.tensor(masks)
+
+
+# -- each block kind, written out from its own sub-modules -----------------------
+def _kind(block: nn.Module) -> str:
+    name = type(block).__name__
+    return "beit" if name == "Block" and type(block).__module__.endswith("beit") else name
+
+
+def literal_norm1(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    kind = _kind(block)
+    if kind in ("Block", "EvaBlock", "beit", "Dinov2Layer", "Dinov2WithRegistersLayer"):
+        return block.norm1(x)
+    if kind in ("EncoderBlock", "ResidualAttentionBlock"):
+        return block.ln_1(x)
+    if kind in ("ViTLayer", "DeiTLayer"):
+        return block.layernorm_before(x)
+    return block.layer_norm1(x)  # CLIPEncoderLayer
+
+
+def literal_block(block: nn.Module, z: torch.Tensor, r: torch.Tensor, kwargs: Dict[str, Any]) -> torch.Tensor:
+    """``y = r + branch1(z); y + branch2(y)`` for each block kind."""
+    kind = _kind(block)
+    if kind == "Block":
+        y = r + block.ls1(block.attn(z))
+        return y + block.ls2(block.mlp(block.norm2(y)))
+    if kind == "EvaBlock":
+        y = r + block.gamma_1 * block.attn(z, rope=kwargs.get("rope"))
+        return y + block.gamma_2 * block.mlp(block.norm2(y))
+    if kind == "beit":
+        y = r + block.gamma_1 * block.attn(z, shared_rel_pos_bias=kwargs.get("shared_rel_pos_bias"))
+        return y + block.gamma_2 * block.mlp(block.norm2(y))
+    if kind == "EncoderBlock":
+        y = r + block.self_attention(z, z, z, need_weights=False)[0]
+        return y + block.mlp(block.ln_2(y))
+    if kind in ("ViTLayer", "DeiTLayer"):
+        y = r + block.attention(z)[0]
+        return y + block.mlp(block.layernorm_after(y))
+    if kind in ("Dinov2Layer", "Dinov2WithRegistersLayer"):
+        y = r + block.layer_scale1(block.attention(z)[0])
+        return y + block.layer_scale2(block.mlp(block.norm2(y)))
+    if kind == "CLIPEncoderLayer":
+        y = r + block.self_attn(hidden_states=z)[0]
+        return y + block.mlp(block.layer_norm2(y))
+    if kind == "ResidualAttentionBlock":
+        y = r + block.ls_1(block.attn(z, z, z, need_weights=False)[0])
+        return y + block.ls_2(block.mlp(block.ln_2(y)))
+    raise KeyError(kind)
+
+
+def _block_input(args, kwargs):
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def literal_reciprocam(model, block, image, P, kernel="gaussian", keep_prefix=True, residual="normalized",
+                       scores="softmax", grid=(4, 4)):
+    """``(C, h, w)`` scores: one image, one masked copy at a time, the rest of the model as it is."""
+    out = []
+    for mask in literal_masks(*grid, P, kernel, keep_prefix):
+
+        def replace(module, args, kwargs, output):
+            x = _block_input(args, kwargs)
+            z = literal_norm1(module, x) * mask[:, None]
+            r = z if residual == "normalized" else x * mask[:, None]
+            return literal_block(module, z, r, kwargs)
+
+        handle = block.register_forward_hook(replace, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                logits = logits_of(model(image[None]))[0]
+        finally:
+            handle.remove()
+        out.append(logits.softmax(-1) if scores == "softmax" else logits)
+    return torch.stack(out).T.reshape(-1, *grid)
+
+
+# -- each attention kind, with explicit matrices ---------------------------------
+def attention_module(block: nn.Module) -> nn.Module:
+    for name in ("attn", "self_attention", "attention", "self_attn"):
+        if hasattr(block, name):
+            return getattr(block, name)
+    raise KeyError(type(block).__name__)
+
+
+def _heads(t, H):
+    B, T, _ = t.shape
+    return t.reshape(B, T, H, -1).transpose(1, 2)
+
+
+def literal_attention(module: nn.Module, x: torch.Tensor, kwargs: Dict[str, Any]):
+    """``(out, S, A)`` of one attention module, written from its parameters."""
+    name = type(module).__name__
+    B, T, D = x.shape
+    bias = None
+    if name == "MultiheadAttention":
+        H = module.num_heads
+        q, k, v = (_heads(t, H) for t in F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, -1))
+        scale, finish = q.shape[-1] ** -0.5, module.out_proj
+    elif hasattr(module, "q_proj") and type(module).__module__.startswith("transformers"):
+        H = getattr(module, "num_attention_heads", None) or module.num_heads
+        q, k, v = _heads(module.q_proj(x), H), _heads(module.k_proj(x), H), _heads(module.v_proj(x), H)
+        scale = q.shape[-1] ** -0.5
+        finish = getattr(module, "o_proj", None) or module.out_proj
+    else:  # timm Attention, EvaAttention, BEiT Attention
+        H = module.num_heads
+        if getattr(module, "qkv", None) is None:
+            q, k, v = _heads(module.q_proj(x), H), _heads(module.k_proj(x), H), _heads(module.v_proj(x), H)
+        elif getattr(module, "q_bias", None) is not None:
+            qkv = F.linear(x, module.qkv.weight, torch.cat((module.q_bias, module.k_bias, module.v_bias)))
+            q, k, v = (_heads(t, H) for t in qkv.chunk(3, -1))
+        else:
+            q, k, v = (_heads(t, H) for t in module.qkv(x).chunk(3, -1))
+        if hasattr(module, "q_norm"):
+            q, k = module.q_norm(q), module.k_norm(k)
+        if kwargs.get("rope") is not None:
+            from timm.layers import apply_rot_embed_cat
+
+            P = module.num_prefix_tokens
+            q = torch.cat([q[:, :, :P], apply_rot_embed_cat(q[:, :, P:], kwargs["rope"])], dim=2)
+            k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], kwargs["rope"])], dim=2)
+        if getattr(module, "relative_position_bias_table", None) is not None:
+            bias = module._get_rel_pos_bias()
+        if kwargs.get("shared_rel_pos_bias") is not None:
+            bias = kwargs["shared_rel_pos_bias"] if bias is None else bias + kwargs["shared_rel_pos_bias"]
+        scale = module.scale
+
+        def finish(o, m=module, x=x):
+            o = m.norm(o) if hasattr(m, "norm") else o
+            if getattr(m, "gate", None) is not None:
+                o = o * m.gate(x).sigmoid()
+            return m.proj(o)
+
+    s = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        s = s + bias
+    a = s.softmax(-1)
+    o = (a @ v).transpose(1, 2).reshape(B, T, -1)
+    return finish(o), s, a
+
+
+def literal_attention_pass(model, blocks, image, detach_input: bool, grad: bool):
+    """Logits and every block's ``(S, A)`` of one image, each attention computed explicitly."""
+    scores, weights, handles = [], [], []
+    for block in blocks:
+        module = attention_module(block)
+
+        def replace(mod, args, kwargs, output):
+            x = _block_input(args, kwargs)
+            x = x.detach() if detach_input else x
+            out, s, a = literal_attention(mod, x, kwargs)
+            scores.append(s)
+            weights.append(a)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        handles.append(module.register_forward_hook(replace, with_kwargs=True))
+    try:
+        image = image[None].clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            logits = logits_of(model(image))[0]
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, scores, weights
+
+
+def literal_agcam(model, blocks, chosen, image, target, P, grid=(4, 4)):
+    logits, scores, weights = literal_attention_pass(model, blocks, image, detach_input=True, grad=True)
+    grads = torch.autograd.grad(logits[target], [weights[i] for i in chosen])
+    cam = sum((scores[i][0, :, 0, P:].sigmoid() * g[0, :, 0, P:].relu()).sum(0) for i, g in zip(chosen, grads))
+    return cam.reshape(grid).detach()
+
+
+def literal_rollout(model, blocks, chosen, image, P, grid=(4, 4)):
+    _, _, weights = literal_attention_pass(model, blocks, image, detach_input=False, grad=False)
+    T = weights[0].shape[-1]
+    rollout = torch.eye(T)
+    for i in chosen:
+        a = weights[i][0].mean(0) + torch.eye(T)
+        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+    return rollout[0, P:].reshape(grid)
+
+
+def literal_gradient_rollout(model, blocks, chosen, image, target, P, grid=(4, 4)):
+    """Chefer et al. ICCV 2021, Eq. 5: ``mean_h(relu(grad * A))``, ``R += Abar @ R``."""
+    logits, _, weights = literal_attention_pass(model, blocks, image, detach_input=False, grad=True)
+    grads = torch.autograd.grad(logits[target], [weights[i] for i in chosen])
+    T = weights[0].shape[-1]
+    relevance = torch.eye(T)
+    for i, g in zip(chosen, grads):
+        relevance = relevance + (g[0] * weights[i][0]).clamp(min=0).mean(0) @ relevance
+    return relevance[0, P:].reshape(grid).detach()

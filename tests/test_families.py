@@ -1,0 +1,88 @@
+"""Every supported family x every method x {last block, an earlier block}, against literal references."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_same_state, model_state
+from families import (
+    FAMILIES,
+    NO_FAST_PATH,
+    PATCH_POOLED,
+    PREFIX,
+    build,
+    literal_agcam,
+    literal_gradient_rollout,
+    literal_reciprocam,
+    literal_rollout,
+)
+
+from captum_vit import AttentionGuidedGradCAM, AttentionRollout, GradientRollout, LayerReciproCAM
+
+NAMES = list(FAMILIES)
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _library(name):
+    pytest.importorskip(FAMILIES[name][2])
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def family(request):
+    _library(request.param)
+    model, blocks, images = build(request.param)
+    return request.param, model, blocks, images
+
+
+@pytest.mark.parametrize("which", ["last", "earlier"])
+def test_reciprocam_equals_literal_reference(family, which):
+    name, model, blocks, images = family
+    before = model_state(model)
+    index = len(blocks) - 1 if which == "last" else 0
+    explainer = LayerReciproCAM(model, blocks[index])
+    targets = torch.tensor([3, 7])
+    P = PREFIX[name]
+    for residual in ("normalized", "input"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fast path must be proven, not fall back with a warning
+            got = explainer.attribute(images, target=targets, normalize=False, residual=residual)
+        expected_path = "fast" if which == "last" and name not in NO_FAST_PATH else "general"
+        assert explainer.last_path == expected_path
+        for b in range(2):
+            ref = literal_reciprocam(model, blocks[index], images[b], P, residual=residual)[targets[b]]
+            torch.testing.assert_close(got[b, 0], ref, **TOL)
+    # the paper's options, on the general path
+    got = explainer.attribute(images, target=targets, normalize=False, kernel="dirac", keep_prefix_tokens=False,
+                              scores="logits", path="general")
+    ref = literal_reciprocam(model, blocks[index], images[0], P, "dirac", False, "normalized", "logits")[3]
+    torch.testing.assert_close(got[0, 0], ref, **TOL)
+    assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize("which", ["last", "earlier"])
+def test_attention_methods_equal_literal_references(family, which):
+    name, model, blocks, images = family
+    before = model_state(model)
+    chosen = [len(blocks) - 1] if which == "last" else [0, 1]
+    methods = (AttentionGuidedGradCAM, AttentionRollout, GradientRollout)
+    if name in PATCH_POOLED:
+        for cls in methods:
+            with pytest.raises(TypeError, match="reads patch tokens only.*Use LayerReciproCAM"):
+                cls(model, layers=chosen)
+        assert_same_state(before, model_state(model))
+        return
+    targets = torch.tensor([3, 7])
+    P = PREFIX[name]
+    agcam = AttentionGuidedGradCAM(model, layers=chosen).attribute(images, target=targets, normalize=False)
+    rollout = AttentionRollout(model, layers=chosen).attribute(images, normalize=False)
+    gradient = GradientRollout(model, layers=chosen).attribute(images, target=targets, normalize=False)
+    for b in range(2):
+        t = int(targets[b])
+        torch.testing.assert_close(agcam[b, 0], literal_agcam(model, blocks, chosen, images[b], t, P), **TOL)
+        torch.testing.assert_close(rollout[b, 0], literal_rollout(model, blocks, chosen, images[b], P), **TOL)
+        torch.testing.assert_close(
+            gradient[b, 0], literal_gradient_rollout(model, blocks, chosen, images[b], t, P), **TOL
+        )
+    assert_same_state(before, model_state(model))
