@@ -177,38 +177,63 @@ class AttentionMath:
 
         A mask scales whole tokens and ``project`` acts per token, so copy
         ``j``'s key and value of token ``t`` are the projections of
-        ``masks[j, t] * z_t``. Masks take few distinct values (0, 1/16, 1/8,
-        1/4, 1), so every token is projected once per value and gathered per
-        copy: ``P`` queries against ``T`` keys per copy, instead of the full
-        ``T x T`` attention of every copy.
+        ``masks[j, t] * z_t``. When the projections are affine (linear maps,
+        biases, rotary embeddings) the projections of ``z`` and of zeros give
+        every copy's keys and values; otherwise (q/k norms) masks take few
+        distinct values (0, 1/16, 1/8, 1/4, 1), so every token is projected
+        once per value and gathered per copy. Either way a copy costs ``P``
+        queries against ``T`` keys instead of the full ``T x T`` attention.
         """
         n, T, _ = z.shape
         c = masks.shape[0]
         H, d = self.num_heads, self.head_dim
+        prefix_value = masks[0, 0]  # masks agree on every prefix row: 0 or 1
+        bias = self.score_bias(call)
+        mix = self._affine_prefix_mix if self.affine else self._level_prefix_mix
+        mixed = mix(z, masks, num_prefix, call, bias)  # (n, H, P * c, d)
+        merged = mixed.view(n, H, num_prefix, c, d).permute(0, 3, 2, 1, 4).reshape(n * c, num_prefix, H * d)
+        z_prefix = (prefix_value * z[:, :num_prefix]).repeat_interleave(c, dim=0)
+        return self.finish(merged, z_prefix).view(n, c, num_prefix, -1)
+
+    def _affine_prefix_mix(self, z: Tensor, masks: Tensor, P: int, call: Call, bias: Optional[Tensor]) -> Tensor:
+        """Affine projections: ``k(m z_t) = k0_t + m (k1_t - k0_t)``, likewise ``v``.
+
+        Scores are ``q.k0_t + m_t q.(k1_t - k0_t)`` and the mix is
+        ``A v0 + (A * m)(v1 - v0)``: two products serve every copy.
+        """
+        n, T, _ = z.shape
+        c = masks.shape[0]
+        q1, k1, v1 = self.project(z, call)
+        q0, k0, v0 = self.project(torch.zeros_like(z[:1]), call)  # (1, H, T, d): biases, rotations
+        q = (q1 if bool(masks[0, 0] == 1) else q0.expand_as(q1))[:, :, :P] * self.scale  # (n, H, P, d)
+        base = q @ k0.transpose(-2, -1)  # (n, H, P, T)
+        slope = q @ (k1 - k0).transpose(-2, -1)
+        scores = base[:, :, :, None, :] + slope[:, :, :, None, :] * masks  # (n, H, P, c, T)
+        if bias is not None:
+            scores = scores + bias[..., :P, None, :]
+        weights = self.attention_dropout(scores.softmax(dim=-1))
+        H = q.shape[1]
+        return weights.reshape(n, H, P * c, T) @ v0 + (weights * masks).reshape(n, H, P * c, T) @ (v1 - v0)
+
+    def _level_prefix_mix(self, z: Tensor, masks: Tensor, P: int, call: Call, bias: Optional[Tensor]) -> Tensor:
+        """Any per-token projection (q/k norms): project once per distinct mask value, gather per copy."""
+        n, T, _ = z.shape
+        c = masks.shape[0]
         levels, level_of = torch.unique(masks, return_inverse=True)  # (V,), (c, T)
-        if self.affine:  # project(m z) = m project(z) + (1 - m) project(0): one full projection
-            full = self.project(z, call)
-            zero = self.project(torch.zeros_like(z[:1]), call)
-            qkv = [tuple(level * f + (1 - level) * o for f, o in zip(full, zero)) for level in levels]
-        else:
-            qkv = [self.project(level * z, call) for level in levels]
-        prefix_level = int(level_of[0, 0])  # masks agree on every prefix row
-        q = qkv[prefix_level][0][:, :, :num_prefix] * self.scale  # (n, H, P, d)
+        qkv = [self.project(level * z, call) for level in levels]
+        q = qkv[int(level_of[0, 0])][0][:, :, :P] * self.scale  # (n, H, P, d)
         level_scores = torch.stack([q @ k.transpose(-2, -1) for _, k, _ in qkv])  # (V, n, H, P, T)
         token = torch.arange(T, device=z.device).expand(c, T)
-        scores = level_scores.permute(0, 4, 1, 2, 3)[level_of, token]  # (c, T, n, H, P)
-        scores = scores.permute(2, 3, 4, 0, 1)  # (n, H, P, c, T)
-        bias = self.score_bias(call)
+        scores = level_scores.permute(0, 4, 1, 2, 3)[level_of, token].permute(2, 3, 4, 0, 1)  # (n, H, P, c, T)
         if bias is not None:
-            scores = scores + bias[..., :num_prefix, None, :]
-        weights = self.attention_dropout(scores.softmax(dim=-1)).reshape(n, H, num_prefix * c, T)
-        mixed = z.new_zeros(n, H, num_prefix * c, d)
-        for value, (_, _, v) in enumerate(qkv):  # sum_t A_jt v_t(level of copy j at t)
+            scores = scores + bias[..., :P, None, :]
+        weights = self.attention_dropout(scores.softmax(dim=-1))
+        H, d = q.shape[1], q.shape[-1]
+        mixed = z.new_zeros(n, H, P * c, d)
+        for value, (_, _, v) in enumerate(qkv):  # sum_t A_jt v_t(value of copy j at t)
             chosen = (level_of == value).to(weights.dtype)  # (c, T)
-            mixed = mixed + (weights.view(n, H, num_prefix, c, T) * chosen).reshape(n, H, -1, T) @ v
-        merged = mixed.view(n, H, num_prefix, c, d).permute(0, 3, 2, 1, 4).reshape(n * c, num_prefix, H * d)
-        z_prefix = (levels[prefix_level] * z[:, :num_prefix]).repeat_interleave(c, dim=0)
-        return self.finish(merged, z_prefix).view(n, c, num_prefix, -1)
+            mixed = mixed + (weights * chosen).reshape(n, H, P * c, T) @ v
+        return mixed
 
 
 class BlockView:

@@ -138,6 +138,14 @@ class HFViTAdapter(ViTAdapter):
         return _hf_class(module, tuple(_CLASSIFIERS) + _BACKBONES)
 
     def __init__(self, model: nn.Module) -> None:
+        import transformers
+
+        major = int(transformers.__version__.split(".")[0])
+        if major < 5:  # 4.x names the projections query/key/value inside nested attention modules
+            raise UnsupportedModelError(
+                f"transformers {transformers.__version__} is installed; captum_vit reads the attention layout "
+                "of transformers 5 (q_proj/k_proj/v_proj). Upgrade: pip install 'transformers>=5'."
+            )
         super().__init__(model)
         self.backbone = next(m for m in model.modules() if hasattr(m, "embeddings") and _layers_of(m))
         self._blocks = _layers_of(self.backbone)
