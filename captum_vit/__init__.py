@@ -1,4 +1,4 @@
-"""captum_vit: class-specific explanations of timm Vision Transformers for Captum.
+"""captum_vit: class-specific explanations of Vision Transformers for Captum.
 
 Methods (Captum ``Attribution`` subclasses with ``attribute(inputs, target=...)``):
 
@@ -6,10 +6,13 @@ Methods (Captum ``Attribution`` subclasses with ``attribute(inputs, target=...)`
 - :class:`AttentionGuidedGradCAM`: AGCAM, sigmoid-guided attention gradients.
 - :class:`AttentionRollout` and :class:`GradientRollout`: attention baselines.
 
+Models: timm ViT/DeiT/NaFlexViT/EVA/BEiT, torchvision, transformers and
+open_clip ViTs, each through one adapter in :mod:`captum_vit.adapters`.
 Metrics live in :mod:`captum_vit.metrics`. Importing this package does not
 import matplotlib.
 """
 
+from .adapters import UnsupportedModelError
 from .agcam import AttentionGuidedGradCAM
 from .reciprocam import LayerReciproCAM, reciprocal_masks
 from .rollout import AttentionRollout, GradientRollout
@@ -20,5 +23,6 @@ __all__ = [
     "GradientRollout",
     "LayerReciproCAM",
     "reciprocal_masks",
+    "UnsupportedModelError",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
