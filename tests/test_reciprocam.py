@@ -5,29 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_model
+from families import literal_masks  # masks written out cell by cell
 
 from captum_vit import LayerReciproCAM
 from captum_vit.reciprocam import reciprocal_masks
-
-BINOMIAL = [[1, 2, 1], [2, 4, 2], [1, 2, 1]]
-
-
-def literal_masks(h, w, P, kernel, keep_prefix):
-    """Masks written out cell by cell (methods.md 1.2), independent of the library."""
-    masks = []
-    for i in range(h):
-        for j in range(w):
-            m = [1.0 if keep_prefix else 0.0] * P + [0.0] * (h * w)
-            if kernel == "dirac":
-                m[P + i * w + j] = 1.0
-            else:
-                for di in (-1, 0, 1):
-                    for dj in (-1, 0, 1):
-                        ii, jj = i + di, j + dj
-                        if 0 <= ii < h and 0 <= jj < w:
-                            m[P + ii * w + jj] = BINOMIAL[di + 1][dj + 1] / 16.0
-            masks.append(m)
-    return torch.tensor(masks)
 
 
 def literal_reciprocam(model, block_index, image, kernel, keep_prefix, scores):

@@ -49,6 +49,14 @@ class Call:
         return [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, Tensor)]
 
 
+def split_call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
+    """A module call as its first argument (the ``(B, T, D)`` tokens) and the rest."""
+    if args:
+        return args[0], Call(args[1:], dict(kwargs))
+    kwargs = dict(kwargs)
+    return kwargs.pop(next(iter(kwargs))), Call((), kwargs)
+
+
 class UnsupportedModelError(TypeError, ValueError):
     """A model, block or attention module that captum_vit cannot explain exactly.
 
@@ -94,10 +102,7 @@ class AttentionMath:
     # -- the family's parts -----------------------------------------------
     def read_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
         """Split the module's call into its ``(B, T, D)`` input and the rest."""
-        if args:
-            return args[0], Call(args[1:], dict(kwargs))
-        kwargs = dict(kwargs)
-        return kwargs.pop(next(iter(kwargs))), Call((), kwargs)
+        return split_call(args, kwargs)
 
     def check_call(self, call: Call) -> None:
         """Refuse calls the explicit form does not reproduce (attention masks)."""
@@ -255,10 +260,7 @@ class BlockView:
 
     def read_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
         """Split the block's call into its ``(B, T, D)`` input and the rest."""
-        if args:
-            return args[0], Call(args[1:], dict(kwargs))
-        kwargs = dict(kwargs)
-        return kwargs.pop(next(iter(kwargs))), Call((), kwargs)
+        return split_call(args, kwargs)
 
     def attention_call(self, call: Call) -> Call:
         """The attention module's extra arguments, given the block's."""

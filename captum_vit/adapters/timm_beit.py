@@ -7,14 +7,14 @@ and is passed on unchanged when a block is re-run.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import AttentionMath, BlockView, Call, UnsupportedModelError, ViTAdapter
-from .timm_vit import timm_head_reads
+from ._base import AttentionMath, BlockView, Call, UnsupportedModelError
+from .timm_vit import TimmAdapter
 
 
 class BeitAttentionMath(AttentionMath):
@@ -70,11 +70,10 @@ class BeitBlockView(BlockView):
         return b.drop_path2(m if b.gamma_2 is None else b.gamma_2 * m)
 
 
-class TimmBeitAdapter(ViTAdapter):
-    """timm ``Beit``."""
+class TimmBeitAdapter(TimmAdapter):
+    """timm ``Beit``: no dynamic size (its relative-position tables fix the grid)."""
 
     family = "timm Beit"
-    library = "timm"
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -82,32 +81,9 @@ class TimmBeitAdapter(ViTAdapter):
 
         return isinstance(module, Beit)
 
-    @property
-    def blocks(self) -> List[nn.Module]:
-        return list(self.model.blocks)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.model.num_prefix_tokens)
-
-    @property
-    def image_module(self) -> nn.Module:
-        return self.model.patch_embed
-
-    def grid_for(self, image_hw: Sequence[int]) -> Tuple[int, int]:
-        h, w = self.model.patch_embed.grid_size  # the relative-position tables fix the grid
-        return int(h), int(w)
-
-    @property
-    def head_reads(self) -> str:
-        return timm_head_reads(self.model, self.num_prefix_tokens)
-
     def block_view(self, block: nn.Module) -> BlockView:
         from timm.models.beit import Block
 
         if type(block) is not Block:
             raise UnsupportedModelError(f"BEiT block {type(block).__name__} is not timm's beit.Block.")
         return BeitBlockView(block)
-
-    def checkpointing_flags(self) -> List[Tuple[Any, str]]:
-        return [(self.model, "grad_checkpointing")]

@@ -128,17 +128,12 @@ def timm_head_reads(model: nn.Module, num_prefix_tokens: int) -> str:
     return HEAD_PATCHES_ONLY
 
 
-class TimmViTAdapter(ViTAdapter):
-    """timm ``VisionTransformer`` and subclasses (``VisionTransformerDistilled``)."""
+class TimmAdapter(ViTAdapter):
+    """What timm's ViT-like models share: ``blocks``, ``num_prefix_tokens``,
+    ``cls_token``, ``patch_embed`` (grid from ``dynamic_feat_size`` when the
+    model takes any size), ``global_pool``, ``grad_checkpointing``."""
 
-    family = "timm VisionTransformer"
     library = "timm"
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        from timm.models.vision_transformer import VisionTransformer
-
-        return isinstance(module, VisionTransformer)
 
     @property
     def blocks(self) -> List[nn.Module]:
@@ -166,6 +161,28 @@ class TimmViTAdapter(ViTAdapter):
 
     @property
     def head_reads(self) -> str:
+        return timm_head_reads(self.model, self.num_prefix_tokens)
+
+    def block_view(self, block: nn.Module) -> BlockView:
+        return timm_block_view(block, self.family)
+
+    def checkpointing_flags(self) -> List[Tuple[Any, str]]:
+        return [(self.model, "grad_checkpointing")] if hasattr(self.model, "grad_checkpointing") else []
+
+
+class TimmViTAdapter(TimmAdapter):
+    """timm ``VisionTransformer`` and subclasses (``VisionTransformerDistilled``)."""
+
+    family = "timm VisionTransformer"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(module, VisionTransformer)
+
+    @property
+    def head_reads(self) -> str:
         from timm.models.deit import VisionTransformerDistilled
         from timm.models.vision_transformer import VisionTransformer
 
@@ -174,12 +191,6 @@ class TimmViTAdapter(ViTAdapter):
         if type(m).forward_head not in own_heads:
             return HEAD_CLASS_AND_PATCHES  # a custom head: assume it may read anything
         return timm_head_reads(m, self.num_prefix_tokens)
-
-    def block_view(self, block: nn.Module) -> BlockView:
-        return timm_block_view(block, self.family)
-
-    def checkpointing_flags(self) -> List[Tuple[Any, str]]:
-        return [(self.model, "grad_checkpointing")] if hasattr(self.model, "grad_checkpointing") else []
 
     def unsupported_state(self) -> Optional[str]:
         m = self.model
@@ -192,7 +203,7 @@ class TimmViTAdapter(ViTAdapter):
         return None
 
 
-class TimmNaFlexViTAdapter(TimmViTAdapter):
+class TimmNaFlexViTAdapter(TimmAdapter):
     """timm ``NaFlexVit`` on ``(B, C, H, W)`` images (patch embedding ``embeds``)."""
 
     family = "timm NaFlexVit"
@@ -216,10 +227,3 @@ class TimmNaFlexViTAdapter(TimmViTAdapter):
     def grid_for(self, image_hw: Sequence[int]) -> Tuple[int, int]:
         h, w = self.model.embeds.dynamic_feat_size(tuple(int(s) for s in image_hw))
         return int(h), int(w)
-
-    @property
-    def head_reads(self) -> str:
-        return timm_head_reads(self.model, self.num_prefix_tokens)
-
-    def unsupported_state(self) -> Optional[str]:
-        return None
