@@ -211,7 +211,8 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
             return f"the head reads {self.adapter.head_reads}"
         if self.view.math is None:
             return f"{type(self.view.attention_module).__name__} has no explicit form in captum_vit"
-        failed = [v for k, v in self._fast_path_verdicts.items() if k[0] == self._fingerprint() and v]
+        fingerprint = self._fingerprint()
+        failed = [v for k, v in self._fast_path_verdicts.items() if k[0] == fingerprint and v]
         return failed[0] if failed else None
 
     @log_usage(part_of_slo=True)
@@ -292,7 +293,10 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
             return False
         reason = self.fast_path_unavailable_reason()
         if reason is None:
-            key = (self._fingerprint(), options.kernel, options.keep_prefix_tokens, options.residual)
+            fingerprint = self._fingerprint()
+            key = (fingerprint, options.kernel, options.keep_prefix_tokens, options.residual)
+            if any(k[0] != fingerprint for k in self._fast_path_verdicts):  # the block changed: old proofs lapse
+                self._fast_path_verdicts.clear()
             if key not in self._fast_path_verdicts:
                 self._fast_path_verdicts[key] = self._verify_fast_path(prepared, grid, options)
                 if self._fast_path_verdicts[key] is not None and options.path == "auto":

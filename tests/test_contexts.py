@@ -37,6 +37,7 @@ def _maps(model, **kw):
 def test_lora_qkv_takes_the_exact_fast_path():
     model, images = make_model("deit_tiny")
     model.blocks[-1].attn.qkv = LoRALinear(model.blocks[-1].attn.qkv).eval()
+    before = model_state(model)
     explainer = LayerReciproCAM(model, model.blocks[-1])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -46,6 +47,7 @@ def test_lora_qkv_takes_the_exact_fast_path():
     torch.testing.assert_close(fast, general, **TOL)
     for cls in ATTENTION_METHODS:  # the explicit attention calls the LoRA module itself
         cls(model).attribute(images, target=1)
+    assert_same_state(before, model_state(model))
 
 
 def test_hook_on_attention_falls_back_to_the_general_path_or_is_refused():
@@ -82,6 +84,7 @@ def test_patched_attention_forward_falls_back_or_is_refused():
     attn.forward = lambda x, **kw: original(x, **kw) * 1.5  # a monkey-patched forward (a constant shift would
     # vanish in the next LayerNorm, so the fast path would rightly stay exact)
     try:
+        before = model_state(model)
         reference = _maps(model, images=images, path="general")
         explainer = LayerReciproCAM(model, model.blocks[-1])
         with pytest.warns(UserWarning, match="patched attention forward"):
@@ -89,6 +92,7 @@ def test_patched_attention_forward_falls_back_or_is_refused():
         torch.testing.assert_close(auto, reference, **TOL)
         with pytest.raises(TypeError, match="patched forward"):
             AttentionGuidedGradCAM(model).attribute(images)
+        assert_same_state(before, model_state(model))
     finally:
         del attn.forward
 
@@ -107,16 +111,16 @@ def test_user_hook_on_the_explained_block_is_refused_not_ignored():
 
 def test_an_error_in_forward_func_does_not_disable_the_fast_path():
     model, images = make_model("deit_tiny")
-    calls = {"n": 0}
-
     def flaky(x, fail):
         if fail:
             raise RuntimeError("user code failed")
         return model(x)
 
     explainer = LayerReciproCAM(flaky, model.blocks[-1], vit=model)
+    before = model_state(model)
     with pytest.raises(RuntimeError, match="user code failed"):
         explainer.attribute(images, additional_forward_args=(True,))
+    assert_same_state(before, model_state(model))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         explainer.attribute(images, additional_forward_args=(False,))
@@ -151,6 +155,7 @@ def test_torch_compiled_models_are_explained_through_their_eager_module(backend)
 def test_inference_mode():
     model, images = make_model("vit_reg4")
     expected = LayerReciproCAM(model, model.blocks[-1]).attribute(images, target=1)
+    before = model_state(model)
     with torch.inference_mode():
         inference_images = images.clone()
         torch.testing.assert_close(LayerReciproCAM(model, model.blocks[-1]).attribute(images, target=1), expected)
@@ -160,6 +165,7 @@ def test_inference_mode():
                 cls(model).attribute(images, target=1)
     for cls in (AttentionGuidedGradCAM, GradientRollout):  # tensors made under inference_mode, explained outside
         torch.testing.assert_close(cls(model).attribute(inference_images, target=1), cls(model).attribute(images, target=1))
+    assert_same_state(before, model_state(model))
 
 
 def test_gradient_checkpointing_is_switched_off_and_restored():
