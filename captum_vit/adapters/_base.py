@@ -443,5 +443,3 @@ def lazy_isinstance(module: Any, import_path: str, names: Sequence[str]) -> bool
     classes = tuple(getattr(lib, n) for n in names if hasattr(lib, n))
     return bool(classes) and isinstance(module, classes)
 
-
-Matcher = Callable[[nn.Module], bool]
