@@ -51,6 +51,7 @@ class AttentionRecorder(HookSet):
     Args:
         adapter: the ViT's adapter.
         views: the chosen blocks' views (each with an ``AttentionMath``).
+        other_attention: the attention modules of the blocks not recorded.
         detach_input: feed detached inputs to every attention module of the
             model, recorded or not (AGCAM: gradients reach ``A`` only through
             skip connections and MLPs); ``A`` is then a leaf that requires grad.
@@ -68,6 +69,7 @@ class AttentionRecorder(HookSet):
         self,
         adapter: ViTAdapter,
         views: Sequence[BlockView],
+        other_attention: Sequence[nn.Module] = (),
         detach_input: bool = False,
         requires_grad: bool = False,
         score_rows: Optional[int] = None,
@@ -75,6 +77,7 @@ class AttentionRecorder(HookSet):
         super().__init__()
         self.adapter = adapter
         self.views = list(views)
+        self.other_attention = list(other_attention)
         self.detach_input = detach_input
         self.requires_grad = requires_grad
         self.score_rows = score_rows
@@ -84,14 +87,11 @@ class AttentionRecorder(HookSet):
     def __enter__(self) -> "AttentionRecorder":
         self.scores = [None] * len(self.views)
         self.weights = [None] * len(self.views)
-        recorded = {id(v.attention_module) for v in self.views}
         for slot, view in enumerate(self.views):
             self.add(view.attention_module.register_forward_hook(self._hook(slot, view), with_kwargs=True))
         if self.detach_input:  # every attention input is detached, recorded or not
-            for block in self.adapter.blocks:
-                module = self.adapter.block_view(block).attention_module
-                if id(module) not in recorded:
-                    self.add(module.register_forward_pre_hook(_detach_tensors, with_kwargs=True))
+            for module in self.other_attention:
+                self.add(module.register_forward_pre_hook(_detach_tensors, with_kwargs=True))
         return self
 
     def _hook(self, slot: int, view: BlockView) -> Callable[..., Any]:
@@ -209,6 +209,12 @@ class AttentionExplainer:
             )
         self.block_indices = resolve_blocks(self.adapter, layers)
         self.views = [self.adapter.block_view(self.adapter.blocks[i]) for i in self.block_indices]
+        # the blocks not explained still get detached attention inputs (AGCAM); found once, not per call
+        self.other_attention = [
+            self.adapter.block_view(block).attention_module
+            for i, block in enumerate(self.adapter.blocks)
+            if i not in self.block_indices
+        ]
         for i, view in zip(self.block_indices, self.views):  # fail now, not at the first call
             if view.math is None:
                 raise UnsupportedModelError(
@@ -267,6 +273,7 @@ class AttentionExplainer:
         recorder = AttentionRecorder(
             self.adapter,
             self.views,
+            self.other_attention,
             detach_input=self.detach_attention_input,
             requires_grad=self.uses_gradients,
             score_rows=self.score_rows,

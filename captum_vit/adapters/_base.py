@@ -45,9 +45,6 @@ class Call:
     args: Tuple[Any, ...] = ()
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
-    def tensors(self) -> List[Tensor]:
-        return [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, Tensor)]
-
 
 def split_call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
     """A module call as its first argument (the ``(B, T, D)`` tokens) and the rest."""

@@ -101,8 +101,7 @@ class HFLayerView(BlockView):
         )
 
     def read_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
-        x, call = self.math.read_call(args, kwargs)  # same convention as the attention call
-        return x, call
+        return self.math.read_call(args, kwargs)  # layers and their attention take the same call
 
     def attention_call(self, call: Call) -> Call:
         return call
