@@ -88,10 +88,10 @@ class AttentionRecorder(HookSet):
         self.scores = [None] * len(self.views)
         self.weights = [None] * len(self.views)
         for slot, view in enumerate(self.views):
-            self.add(view.attention_module.register_forward_hook(self._hook(slot, view), with_kwargs=True))
+            self.forward_hook(view.attention_module, self._hook(slot, view), with_kwargs=True)
         if self.detach_input:  # every attention input is detached, recorded or not
             for module in self.other_attention:
-                self.add(module.register_forward_pre_hook(_detach_tensors, with_kwargs=True))
+                self.forward_pre_hook(module, _detach_tensors, with_kwargs=True)
         return self
 
     def _hook(self, slot: int, view: BlockView) -> Callable[..., Any]:
@@ -116,7 +116,10 @@ class AttentionRecorder(HookSet):
 
     def recorded(self) -> Tuple[List[Tensor], List[Tensor]]:
         if any(w is None for w in self.weights):
-            raise RuntimeError("forward_func did not run every explained attention module.")
+            raise RuntimeError(
+                "forward_func did not run every explained attention module in the calling thread; it must run "
+                "the model in the thread that calls attribute (nn.DataParallel over several GPUs does not)."
+            )
         return list(self.scores), list(self.weights)  # type: ignore[arg-type]
 
 
@@ -261,8 +264,8 @@ class AttentionExplainer:
         prepared = prepare_inputs(inputs, additional_forward_args)
         targets = prepare_targets(target, prepared.batch_size)
         check_batch_size(batch_size)
-        check_runtime(self.adapter, type(self).__name__, needs_gradients=self.uses_gradients)
         with self.adapter.explaining():
+            check_runtime(self.adapter, type(self).__name__, needs_gradients=self.uses_gradients)
             chunks = [
                 self._maps(prepared.forward_args(rows), targets, rows)
                 for rows in row_chunks(prepared.batch_size, batch_size)

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from ._scope import scoped
 
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -214,7 +216,13 @@ def output_maps(maps: Tensor, normalize: bool) -> Tensor:
 
 
 class HookSet(contextlib.AbstractContextManager):
-    """Hooks registered for one call and removed when it ends, even on error."""
+    """Hooks registered for one call and removed when it ends, even on error.
+
+    Every hook is scoped (:func:`captum_vit._scope.scoped`): it acts only on
+    forward passes of the explanation that registered it, so a forward in
+    another thread meanwhile is untouched. Register inside
+    ``adapter.explaining()``.
+    """
 
     def __init__(self) -> None:
         self.handles: List[RemovableHandle] = []
@@ -222,6 +230,14 @@ class HookSet(contextlib.AbstractContextManager):
     def add(self, handle: RemovableHandle) -> RemovableHandle:
         self.handles.append(handle)
         return handle
+
+    def forward_hook(self, module: nn.Module, hook: Callable[..., Any], with_kwargs: bool = False) -> RemovableHandle:
+        return self.add(module.register_forward_hook(scoped(hook), with_kwargs=with_kwargs))
+
+    def forward_pre_hook(
+        self, module: nn.Module, hook: Callable[..., Any], with_kwargs: bool = False
+    ) -> RemovableHandle:
+        return self.add(module.register_forward_pre_hook(scoped(hook), with_kwargs=with_kwargs))
 
     def __exit__(self, *exc: Any) -> None:
         while self.handles:

@@ -36,9 +36,9 @@ class TokenGridForward(nn.Module):
         self._image_hw: Any = None
 
     def forward(self, *args: Any) -> Tensor:
-        with self.adapter.recording_image_size() as size, HookSet() as hooks:
+        with self.adapter.explaining(), self.adapter.recording_image_size() as size, HookSet() as hooks:
             self._image_hw = size
-            hooks.add(self.layer.register_forward_hook(self._route))
+            hooks.forward_hook(self.layer, self._route)
             return self.forward_func(*args)
 
     def _route(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:

@@ -279,13 +279,13 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
     # -- the engine ---------------------------------------------------------
     def _maps(self, prepared: PreparedInputs, targets: Targets, options: "_Options") -> Tensor:
         options.check()
-        check_runtime(self.adapter, "ViT-ReciproCAM", needs_gradients=False)
-        _refuse_user_block_hooks(self.layer, self.adapter, self.block_index)
-        with torch.no_grad(), self.adapter.explaining():
+        with torch.no_grad(), self.adapter.explaining():  # the block's hooks are only ours from here on
+            check_runtime(self.adapter, "ViT-ReciproCAM", needs_gradients=False)
+            _refuse_user_block_hooks(self.layer, self.adapter, self.block_index)
             grid = self._probe_grid(prepared)
             fast = self._choose_path(prepared, grid, options)
             maps = self._run(prepared, targets, grid, options, fast)
-        self.last_path = "fast" if fast else "general"
+            self.last_path = "fast" if fast else "general"
         return maps
 
     def _choose_path(self, prepared: PreparedInputs, grid: Tuple[int, int], options: "_Options") -> bool:
@@ -351,7 +351,7 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
             raise _StopForward
 
         with self.adapter.recording_image_size() as recorder, HookSet() as hooks:
-            hooks.add(self.adapter.image_module.register_forward_pre_hook(stop))
+            hooks.forward_pre_hook(self.adapter.image_module, stop)
             try:
                 self.forward_func(*prepared.forward_args(slice(0, 1)))
             except _StopForward:
@@ -368,13 +368,14 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         hook.copies = copies
         with self.adapter.recording_image_size() as recorder, HookSet() as hooks:
             hook.recorder = recorder
-            hooks.add(self.layer.register_forward_hook(hook, with_kwargs=True))
+            hooks.forward_hook(self.layer, hook, with_kwargs=True)
             logits = forward_logits(self.forward_func, args)
         n = hook.images_seen
         if logits.shape[0] != n * copies.count:
             raise RuntimeError(
                 f"forward_func returned {logits.shape[0]} rows for {n} images x {copies.count} copies: "
-                "it must return one row of logits per row of the explained block's output."
+                "it must return one row of logits per row of the explained block's output, and run the model in the "
+                "thread that calls attribute (nn.DataParallel over several GPUs does not)."
             )
         return logits
 

@@ -31,6 +31,8 @@ from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from .._scope import explanation, scoped
+
 #: What the classifier head reads of the last block's output.
 HEAD_PREFIX_ONLY = "prefix tokens only"
 HEAD_CLASS_AND_PATCHES = "the class token and patch tokens"
@@ -395,7 +397,7 @@ class ViTAdapter:
         model actually receives.
         """
         recorder = ImageSizeRecorder()
-        handle = self.image_module.register_forward_pre_hook(recorder, with_kwargs=True)
+        handle = self.image_module.register_forward_pre_hook(scoped(recorder), with_kwargs=True)
         try:
             yield recorder
         finally:
@@ -403,15 +405,23 @@ class ViTAdapter:
 
     @contextlib.contextmanager
     def explaining(self) -> Iterator[None]:
-        """Turn off gradient checkpointing for one call; restore it afterwards."""
-        flags = [(obj, name, getattr(obj, name)) for obj, name in self.checkpointing_flags()]
-        try:
-            for obj, name, _ in flags:
-                setattr(obj, name, False)
-            yield
-        finally:
-            for obj, name, value in flags:
-                setattr(obj, name, value)
+        """The scope of one explanation call (:func:`captum_vit._scope.explanation`).
+
+        Serialised with other explanations of this model (they share its hook
+        lists and flags); hooks registered inside act only on this call's
+        forward passes. Gradient checkpointing is off meanwhile and restored
+        afterwards (it changes no forward value, so other threads' forwards
+        are unaffected).
+        """
+        with explanation(self.model):
+            flags = [(obj, name, getattr(obj, name)) for obj, name in self.checkpointing_flags()]
+            try:
+                for obj, name, _ in flags:
+                    setattr(obj, name, False)
+                yield
+            finally:
+                for obj, name, value in flags:
+                    setattr(obj, name, value)
 
 
 @dataclass
