@@ -1,25 +1,28 @@
 """Every method by name, as ``explain(inputs, target) -> maps``.
 
 The command line, the demo, the benchmarks and the metrics all take methods
-from here, so a comparison runs each one the same way:
+from this one registry, so a comparison runs each one the same way:
 
-=================  ==========================================  ===============
-name               what                                        map
-=================  ==========================================  ===============
-reciprocam         LayerReciproCAM, 3x3 gaussian kernel        (B, 1, h, w)
-reciprocam-dirac   LayerReciproCAM, one cell per copy          (B, 1, h, w)
-agcam              AttentionGuidedGradCAM, every block         (B, 1, h, w)
-rollout            AttentionRollout (class-agnostic)           (B, 1, h, w)
-grad-rollout       GradientRollout                             (B, 1, h, w)
-ig                 Captum IntegratedGradients, |sum over C|    (B, 1, H, W)
-layergradcam       Captum LayerGradCam, last block's norm1     (B, 1, h, w)
-random             uniform noise: a control                    (B, 1, h, w)
-=================  ==========================================  ===============
+=================  ===============================================  ===============
+name               what                                             map
+=================  ===============================================  ===============
+reciprocam         LayerReciproCAM, 3x3 gaussian kernel (the spec)  (B, 1, h, w)
+reciprocam-input   LayerReciproCAM, masked block input as residual, (B, 1, h, w)
+                   raw logits (the authors' OpenVINO XAI variant)
+reciprocam-dirac   LayerReciproCAM, one cell per copy               (B, 1, h, w)
+agcam              AttentionGuidedGradCAM, every block              (B, 1, h, w)
+rollout            AttentionRollout (class-agnostic)                (B, 1, h, w)
+grad-rollout       GradientRollout                                  (B, 1, h, w)
+ig                 Captum IntegratedGradients, |sum over C|         (B, 1, H, W)
+layergradcam       Captum LayerGradCam, last block's norm1          (B, 1, h, w)
+random             uniform noise: a control                         (B, 1, h, w)
+=================  ===============================================  ===============
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from captum.attr import IntegratedGradients
@@ -33,19 +36,69 @@ from .rollout import AttentionRollout, GradientRollout
 
 ExplainFn = Callable[[Tensor, Any], Tensor]
 
-METHODS = ("reciprocam", "reciprocam-dirac", "agcam", "rollout", "grad-rollout", "ig", "layergradcam", "random")
 
-#: Short descriptions, for help texts and figure titles.
-TITLES: Dict[str, str] = {
-    "reciprocam": "ViT-ReciproCAM",
-    "reciprocam-dirac": "ViT-ReciproCAM (dirac)",
-    "agcam": "AGCAM",
-    "rollout": "Attention Rollout",
-    "grad-rollout": "Gradient Rollout",
-    "ig": "Integrated Gradients",
-    "layergradcam": "LayerGradCam",
-    "random": "random control",
-}
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registry entry.
+
+    ``class_specific``: the map depends on the target (False for rollout and
+    the random control); ``input_resolution``: maps come at the input's
+    resolution rather than the patch grid; ``options``: the keyword
+    arguments passed to ``attribute``.
+    """
+
+    name: str
+    title: str
+    class_specific: bool = True
+    input_resolution: bool = False
+    options: Tuple[Tuple[str, Any], ...] = ()
+
+
+_SPECS = (
+    MethodSpec("reciprocam", "ViT-ReciproCAM"),
+    MethodSpec(
+        "reciprocam-input",
+        "ViT-ReciproCAM (input residual, logits)",
+        options=(("residual", "input"), ("scores", "logits")),
+    ),
+    MethodSpec("reciprocam-dirac", "ViT-ReciproCAM (dirac)", options=(("kernel", "dirac"),)),
+    MethodSpec("agcam", "AGCAM"),
+    MethodSpec("rollout", "Attention Rollout", class_specific=False),
+    MethodSpec("grad-rollout", "Gradient Rollout"),
+    MethodSpec("ig", "Integrated Gradients", input_resolution=True),
+    MethodSpec("layergradcam", "LayerGradCam"),
+    MethodSpec("random", "random control", class_specific=False),
+)
+
+#: name -> entry, in table order
+REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
+#: every method name, in table order
+METHODS = tuple(REGISTRY)
+#: short descriptions, for help texts and figure titles
+TITLES: Dict[str, str] = {spec.name: spec.title for spec in _SPECS}
+
+
+class MethodExplainer:
+    """``explain(inputs, target) -> maps`` for one registry method, with its identity.
+
+    ``identity`` names the method and every option that changes its maps;
+    :func:`captum_vit.metrics.evaluate_adcc` writes it to checkpoint manifests.
+    """
+
+    def __init__(self, spec: MethodSpec, fn: ExplainFn, options: Dict[str, Any]) -> None:
+        self.spec = spec
+        self.fn = fn
+        self.identity = spec.name + "".join(f" {k}={v!r}" for k, v in sorted(options.items()))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __call__(self, inputs: Tensor, target: Any = None) -> Tensor:
+        return self.fn(inputs, target)
+
+    def __repr__(self) -> str:
+        return f"MethodExplainer({self.identity})"
 
 
 def explainer(
@@ -55,7 +108,7 @@ def explainer(
     batch_size: Optional[int] = None,
     ig_steps: int = 50,
     seed: int = 0,
-) -> ExplainFn:
+) -> MethodExplainer:
     """``explain(inputs, target)`` for method ``name`` (see the module table).
 
     Args:
@@ -70,28 +123,32 @@ def explainer(
     The returned function gives unnormalised maps for Captum's baselines and
     min-max normalised maps for the rest, each ``(B, 1, ...)`` as the table.
     """
-    if name not in METHODS:
+    if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
-    if name in ("reciprocam", "reciprocam-dirac"):
+    spec = REGISTRY[name]
+    options = dict(spec.options)
+    if name.startswith("reciprocam"):
         adapter = find_adapter(forward_func, None, vit)
         cam = LayerReciproCAM(forward_func, adapter.blocks[-1], vit=adapter.model)
-        kernel = "dirac" if name == "reciprocam-dirac" else "gaussian"
-        return lambda x, t: cam.attribute(x, target=t, kernel=kernel, batch_size=batch_size)
-    if name in ("agcam", "rollout", "grad-rollout"):
+        fn: ExplainFn = lambda x, t: cam.attribute(x, target=t, batch_size=batch_size, **options)  # noqa: E731
+    elif name in ("agcam", "rollout", "grad-rollout"):
         cls = {"agcam": AttentionGuidedGradCAM, "rollout": AttentionRollout, "grad-rollout": GradientRollout}[name]
         method = cls(forward_func, vit=vit)
-        return lambda x, t: method.attribute(x, target=t, batch_size=batch_size)
-    if name == "ig":
+        fn = lambda x, t: method.attribute(x, target=t, batch_size=batch_size, **options)  # noqa: E731
+    elif name == "ig":
         ig = IntegratedGradients(forward_func)
-        return lambda x, t: integrated_gradients_map(ig, x, t, n_steps=ig_steps, internal_batch_size=batch_size)
-    if name == "layergradcam":
+        options["n_steps"] = ig_steps
+        fn = lambda x, t: integrated_gradients_map(ig, x, t, n_steps=ig_steps, internal_batch_size=batch_size)  # noqa: E731
+    elif name == "layergradcam":
         gradcam = vit_layer_gradcam(forward_func, vit=vit)
-        return lambda x, t: gradcam.attribute(x, target=t, relu_attributions=True)
-    adapter = find_adapter(forward_func, None, vit)
-    generator = torch.Generator().manual_seed(seed)
+        fn = lambda x, t: gradcam.attribute(x, target=t, relu_attributions=True)  # noqa: E731
+    else:
+        adapter = find_adapter(forward_func, None, vit)
+        generator = torch.Generator().manual_seed(seed)
+        options["seed"] = seed
 
-    def random_map(x: Tensor, t: Any) -> Tensor:
-        h, w = adapter.grid_for(x.shape[-2:])
-        return torch.rand(x.shape[0], 1, h, w, generator=generator).to(x.device)
+        def fn(x: Tensor, t: Any) -> Tensor:
+            h, w = adapter.grid_for(x.shape[-2:])
+            return torch.rand(x.shape[0], 1, h, w, generator=generator).to(x.device)
 
-    return random_map
+    return MethodExplainer(spec, fn, options)

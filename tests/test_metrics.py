@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -217,3 +218,70 @@ def test_evaluate_adcc_resumes(tmp_path):
     torch.testing.assert_close(again.adcc, first.adcc)
     no_labels = evaluate_adcc(model, explain, [b[0] for b in loader], progress=False)
     assert len(no_labels) == 6
+
+
+def _checkpoint_run(model, loader, directory, method="reciprocam", **kw):
+    from captum_vit.methods import explainer
+
+    return evaluate_adcc(model, explainer(method, model), loader, use_labels=True, checkpoint_dir=directory,
+                         progress=False, **kw)
+
+
+def test_a_checkpoint_directory_refuses_another_run(tmp_path):
+    from captum_vit.metrics import CheckpointMismatchError
+
+    model, images = make_model("vit_reg4")
+    images = torch.cat([images, images.flip(0)])
+    labels = torch.tensor([1, 2, 3, 4])
+    by_two = [(images[i : i + 2], labels[i : i + 2]) for i in (0, 2)]
+    _checkpoint_run(model, by_two, tmp_path)
+    manifest = (tmp_path / "manifest.json").read_text()
+    assert '"method": "reciprocam"' in manifest and '"batch_size": 2' in manifest
+    with pytest.raises(CheckpointMismatchError, match="method is 'reciprocam' there but 'agcam' now"):
+        _checkpoint_run(model, by_two, tmp_path, method="agcam")
+    with pytest.raises(CheckpointMismatchError, match="batch_size is 2 there but 4 now"):
+        _checkpoint_run(model, [(images, labels)], tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="baseline is 0.0 there but 0.5 now"):
+        _checkpoint_run(model, by_two, tmp_path, baseline=0.5)
+    other_weights, _ = make_model("vit_reg4", seed=5)
+    with pytest.raises(CheckpointMismatchError, match="model is 'VisionTransformer [0-9a-f]+' there but"):
+        _checkpoint_run(other_weights, by_two, tmp_path)
+    reordered = [(images[i : i + 2], labels[i : i + 2]) for i in (2, 0)]
+    with pytest.raises(CheckpointMismatchError, match="batch_00000.pt was computed on other inputs"):
+        _checkpoint_run(model, reordered, tmp_path)
+    # an explicit restart starts over, and then the new run's files are reused
+    restarted = _checkpoint_run(model, [(images, labels)], tmp_path, method="agcam", restart=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch_00000.pt", "manifest.json"]
+    again = _checkpoint_run(model, [(images, labels)], tmp_path, method="agcam")
+    assert torch.equal(again.adcc, restarted.adcc)
+
+
+def test_a_damaged_checkpoint_file_is_named_and_recomputed(tmp_path):
+    model, images = make_model("vit_reg4")
+    loader = [(images, torch.tensor([1, 2])), (images.flip(0), torch.tensor([3, 4]))]
+    first = _checkpoint_run(model, loader, tmp_path)
+    damaged = tmp_path / "batch_00001.pt"
+    damaged.write_bytes(damaged.read_bytes()[:40])  # truncated
+    with pytest.warns(UserWarning, match="batch_00001.pt is damaged"):
+        again = _checkpoint_run(model, loader, tmp_path)
+    assert torch.equal(again.adcc, first.adcc)
+    (tmp_path / "batch_00000.pt").write_bytes(b"")  # empty
+    with pytest.warns(UserWarning, match="batch_00000.pt is damaged"):
+        assert torch.equal(_checkpoint_run(model, loader, tmp_path).adcc, first.adcc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both files are whole again
+        assert torch.equal(_checkpoint_run(model, loader, tmp_path).adcc, first.adcc)
+
+
+def test_checkpoint_files_without_a_manifest_and_a_file_as_directory_are_refused(tmp_path):
+    from captum_vit.metrics import CheckpointMismatchError
+
+    model, images = make_model("vit_reg4")
+    loader = [(images, torch.tensor([1, 2]))]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "batch_00000.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointMismatchError, match="without manifest.json"):
+        _checkpoint_run(model, loader, tmp_path / "old")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        _checkpoint_run(model, loader, tmp_path / "file")

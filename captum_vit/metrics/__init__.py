@@ -1,7 +1,8 @@
 """Metrics for explanation maps.
 
 - :func:`adcc` (Average Drop, Average Increase, Coherency, Complexity, ADCC)
-  and :func:`evaluate_adcc` over a ``DataLoader`` (progress bar, resumable);
+  and :func:`evaluate_adcc` over a ``DataLoader`` (progress bar, resumable
+  from a checkpoint directory that records which run wrote it);
 - :func:`pointing_game` on 2x2 mosaics (:func:`make_mosaic`) and
   :func:`box_localization` (pixel accuracy, IoU, Dice);
 - :func:`deletion_insertion` curves;
@@ -11,6 +12,7 @@
 """
 
 from ._adcc import ADCCResult, adcc, adcc_score, pearson
+from ._checkpoint import CheckpointMismatchError
 from ._deletion import deletion_insertion
 from ._evaluate import evaluate_adcc
 from ._localization import box_localization, boxes_from_map, make_mosaic, mosaic_cell_boxes, pointing_game
@@ -20,6 +22,7 @@ __all__ = [
     "ADCCResult",
     "adcc",
     "adcc_score",
+    "CheckpointMismatchError",
     "as_explain_func",
     "box_localization",
     "boxes_from_map",

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._adcc import ADCCResult, adcc
+from ._checkpoint import CheckpointDirectory, method_identity, model_fingerprint, run_identity, tensor_digest
 
 
 def _batch_images_labels(batch: Any):
@@ -26,42 +30,67 @@ def evaluate_adcc(
     device: Optional[torch.device | str] = None,
     progress: bool = True,
     baseline: float = 0.0,
+    restart: bool = False,
+    method_id: Optional[str] = None,
 ) -> ADCCResult:
     """ADCC over a ``DataLoader`` (or any iterable of ``images`` or ``(images, labels)``).
 
     Args:
         forward_func: the model.
         explain_func: Captum ``Attribution`` or callable ``(inputs, target) -> maps``.
-        loader: batches, in a fixed order.
+        loader: batches of ``(B, C, H, W)`` images (with ``(B,)`` labels), in a fixed order.
         use_labels: explain the labels instead of the predicted classes.
         checkpoint_dir: if given, each finished batch is written there as
             ``batch_00000.pt`` as soon as it is done, and batches already
             there are loaded instead of recomputed: an interrupted run
-            resumes where it stopped. Use one directory per model/method.
+            resumes where it stopped. ``manifest.json`` records the run
+            (method, weights, batch size, dataset size, label mode, baseline,
+            library version) and each file a digest of its inputs; files of
+            another run are refused with the first difference named, and a
+            damaged file is recomputed with a warning.
         device: where to move each batch.
         progress: show a tqdm progress bar.
         baseline: see :func:`captum_vit.metrics.adcc`.
+        restart: delete ``checkpoint_dir``'s results first and start over.
+        method_id: how the manifest names the method; needed only to tell
+            apart closures or lambdas with different options (an
+            ``Attribution``, a ``functools.partial`` and the registry's
+            explainers describe themselves).
+
+    Returns:
+        :class:`ADCCResult` over every example, in loader order.
     """
-    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if directory is not None:
-        directory.mkdir(parents=True, exist_ok=True)
+    if not isinstance(baseline, (int, float)) or isinstance(baseline, bool) or not math.isfinite(baseline):
+        raise ValueError(f"baseline must be a finite number; got {baseline!r}.")
+    checkpoints = None
+    if checkpoint_dir is not None:
+        identity = run_identity(
+            method_id or method_identity(explain_func), model_fingerprint(forward_func), loader, use_labels, baseline
+        )
+        checkpoints = CheckpointDirectory(checkpoint_dir, identity, restart=restart)
+    names = [f.name for f in fields(ADCCResult)]
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     results = []
     bar = tqdm(loader, total=total, desc="ADCC", unit="batch", disable=not progress)
     for i, batch in enumerate(bar):
-        path = directory / f"batch_{i:05d}.pt" if directory is not None else None
-        if path is not None and path.exists():
-            results.append(ADCCResult(**torch.load(path)))
-            continue
         images, labels = _batch_images_labels(batch)
-        if device is not None:
-            images = images.to(device)
-        target = labels if use_labels else None
-        result = adcc(forward_func, explain_func, images, target=target, baseline=baseline)
-        if path is not None:
-            tmp = path.with_suffix(".tmp")
-            torch.save(vars(result), tmp)
-            tmp.replace(path)  # atomic: a killed run never leaves half a batch
+        if not isinstance(images, Tensor):
+            raise TypeError(f"batch {i} of the loader holds {type(images).__name__}, not a tensor of images.")
+        if use_labels and labels is None:
+            raise ValueError("use_labels=True needs a loader of (images, labels) batches.")
+        result = None
+        if checkpoints is not None:
+            checkpoints.check_manifest(int(images.shape[0]))
+            digest = tensor_digest(images, labels if use_labels else None)
+            saved = checkpoints.load(i, digest, names)
+            result = ADCCResult(**saved) if saved is not None else None
+        if result is None:
+            if device is not None:
+                images = images.to(device)
+            target = labels if use_labels else None
+            result = adcc(forward_func, explain_func, images, target=target, baseline=baseline)
+            if checkpoints is not None:
+                checkpoints.save(i, digest, vars(result))
         results.append(result)
         bar.set_postfix(adcc=f"{ADCCResult.cat(results).summary()['adcc_of_means']:.1f}")
     if not results:

@@ -1,0 +1,200 @@
+"""Checkpoint directories with an identity: what run wrote them, and on which data.
+
+A resumable evaluation writes one file per finished batch. Resuming is only
+right when the files come from the same run: the same method and options,
+the same weights, the same data in the same order and batch size, the same
+label mode and library version. ``manifest.json`` records that identity when
+the first batch is written, and every batch file records a digest of its
+inputs, so a resumed run refuses files from another run (naming the first
+difference) instead of mixing them into its result.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+MANIFEST = "manifest.json"
+_BATCH_GLOB = "batch_*.pt"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint directory holds another run's results."""
+
+
+def tensor_digest(*tensors: Optional[Tensor]) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes (``None`` entries included as such)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(forward_func: Any) -> str:
+    """Digest of the weights of ``forward_func`` (a module, or a bound method of one)."""
+    module = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
+    if not isinstance(module, nn.Module):
+        return f"callable {_qualified_name(forward_func)} (weights not visible)"
+    state = module.state_dict()
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(tensor_digest(state[name]).encode())
+    return f"{type(module).__name__} {h.hexdigest()[:16]}"
+
+
+def method_identity(explain_func: Any) -> str:
+    """A description of the explainer and its options, for the manifest.
+
+    Our method registry's explainers carry ``identity`` (name and options);
+    a Captum ``Attribution`` is described by its class (and layer); for any
+    other callable, its qualified name. Closures with different options look
+    the same: pass ``method_id`` to :func:`evaluate_adcc` for those.
+    """
+    identity = getattr(explain_func, "identity", None)
+    if isinstance(identity, str):
+        return identity
+    if isinstance(explain_func, functools.partial):
+        keywords = ", ".join(f"{k}={v!r}" for k, v in sorted(explain_func.keywords.items()))
+        return f"{_qualified_name(explain_func.func)}({keywords})"
+    from captum.attr import Attribution
+
+    if isinstance(explain_func, Attribution):
+        name = type(explain_func).__qualname__
+        index = getattr(explain_func, "block_index", None)
+        return f"{name}(block {index})" if index is not None else name
+    return _qualified_name(explain_func)
+
+
+def _qualified_name(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
+class CheckpointDirectory:
+    """One run's batch files and manifest.
+
+    Args:
+        path: the directory (created if missing).
+        identity: what must match for files to be reused (JSON-serialisable).
+        restart: delete this directory's manifest and batch files first.
+    """
+
+    def __init__(self, path: str | Path, identity: Dict[str, Any], restart: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"checkpoint directory {self.path} is a file; give a directory path.")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.identity = identity
+        if restart:
+            for file in [self.path / MANIFEST, *self.path.glob(_BATCH_GLOB)]:
+                file.unlink(missing_ok=True)
+        self._manifest_checked = False
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def check_manifest(self, first_batch_size: int) -> None:
+        """Refuse another run's directory; write the manifest of a new one."""
+        if self._manifest_checked:
+            return
+        expected = dict(self.identity, batch_size=first_batch_size)
+        # the most telling difference first: what was run, on which weights, then how the data was cut
+        order = ["method", "model", "batch_size"]
+        expected = {k: expected[k] for k in order + sorted(set(expected) - set(order))}
+        if self.manifest_path.exists():
+            try:
+                found = json.loads(self.manifest_path.read_text())
+            except (OSError, ValueError) as err:
+                raise CheckpointMismatchError(
+                    f"{self.manifest_path} cannot be read ({err}); pass restart=True (CLI: --restart) to start over."
+                ) from None
+            for key, value in expected.items():
+                if found.get(key) != value:
+                    raise CheckpointMismatchError(
+                        f"{self.path} holds another run's results: {key} is {found.get(key)!r} there but "
+                        f"{value!r} now. Use another directory, or pass restart=True (CLI: --restart) to delete "
+                        "its results and start over."
+                    )
+        elif any(self.path.glob(_BATCH_GLOB)):
+            raise CheckpointMismatchError(
+                f"{self.path} holds batch files without {MANIFEST} (written by captum_vit < 0.3 or another tool), "
+                "so which run wrote them is unknown. Pass restart=True (CLI: --restart) to start over."
+            )
+        else:
+            tmp = self.manifest_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(expected, indent=2, sort_keys=True))
+            tmp.replace(self.manifest_path)
+        self._manifest_checked = True
+
+    def batch_path(self, index: int) -> Path:
+        return self.path / f"batch_{index:05d}.pt"
+
+    def load(self, index: int, inputs_digest: str, fields: Iterable[str]) -> Optional[Dict[str, Tensor]]:
+        """Batch ``index``'s saved fields, ``None`` if absent or damaged (with a warning).
+
+        Raises :class:`CheckpointMismatchError` when the file was computed on
+        other inputs (the data or its order changed).
+        """
+        path = self.batch_path(index)
+        if not path.exists():
+            return None
+        try:
+            saved = torch.load(path, weights_only=True)
+            missing = [f for f in fields if f not in saved]
+            if missing or "inputs_digest" not in saved:
+                raise ValueError(f"missing {', '.join(missing) or 'inputs_digest'}")
+            lengths = {int(saved[f].shape[0]) for f in fields}
+            if len(lengths) != 1:
+                raise ValueError("fields of different lengths")
+        except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed, and said so
+            warnings.warn(
+                f"checkpoint file {path} is damaged ({type(err).__name__}: {err}); recomputing that batch.",
+                stacklevel=3,
+            )
+            return None
+        if saved["inputs_digest"] != inputs_digest:
+            raise CheckpointMismatchError(
+                f"{path} was computed on other inputs than batch {index} now: the dataset or its order changed "
+                "(a shuffling DataLoader?). Use a fixed order, another directory, or restart=True (CLI: --restart)."
+            )
+        return {f: saved[f] for f in fields}
+
+    def save(self, index: int, inputs_digest: str, values: Dict[str, Tensor]) -> None:
+        path = self.batch_path(index)
+        tmp = path.with_suffix(".tmp")
+        torch.save(dict(values, inputs_digest=inputs_digest), tmp)
+        tmp.replace(path)  # atomic: a killed run never leaves half a batch
+
+
+def run_identity(
+    method: str, model: str, loader: Any, use_labels: bool, baseline: float, extra: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
+    """The manifest fields of one evaluation run (``batch_size`` is added at the first batch)."""
+    from .. import __version__
+
+    dataset = getattr(loader, "dataset", None)
+    identity: Dict[str, Any] = {
+        "captum_vit_version": __version__,
+        "method": method,
+        "model": model,
+        "use_labels": bool(use_labels),
+        "baseline": float(baseline),
+        "num_batches": len(loader) if hasattr(loader, "__len__") else None,
+        "dataset_size": len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None,
+    }
+    identity.update(extra or {})
+    return identity
+
