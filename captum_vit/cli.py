@@ -1,31 +1,38 @@
 """``captum-vit``: explain images, evaluate explainers, run the demo.
 
     captum-vit demo --out demo_out
-    captum-vit explain cat.png --model deit_small_patch16_224 --method agcam --top-k 3
-    captum-vit explain img.png --model default --method reciprocam --target cat
-    captum-vit evaluate --model default --data ../shared/data/cifar10_jpeg.npz --method reciprocam --limit 200
+    captum-vit explain photos/ --model deit_small_patch16_224 --method agcam --top-k 3
+    captum-vit explain "shots/*.jpg" img.png --model default --method reciprocam --target cat
+    captum-vit evaluate --model default --data cifar10_jpeg.npz --method reciprocam --limit 200
 
-Bad input (a missing file, not an image, an unknown model, weights that
-cannot be fetched, a target out of range) prints one line and exits with 2.
+Bad input (a missing or unreadable file, not an image, an unknown model,
+weights that cannot be fetched, a target out of range, an output path that
+cannot be written) prints one line and exits with status 2; ``--debug``
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import glob
+import os
 import sys
-import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .methods import METHODS, TITLES
+from .methods import METHODS, REGISTRY, TITLES
 
-CLI_METHODS = ("reciprocam", "reciprocam-dirac", "agcam", "rollout", "grad-rollout", "ig")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+#: explain and evaluate offer every registry method but the random control (a baseline for benchmarks)
+CLI_METHODS = tuple(m for m in METHODS if m != "random")
 
 
-_OFFLINE_HINT = " (no network access? use a local checkpoint: --model PATH --arch NAME, or --model default)"
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line."""
 
 
 def _first_line(err: BaseException) -> str:
@@ -33,91 +40,165 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line."""
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but no CUDA device is available; use --device cpu.")
+        raise UsageError("--device cuda was asked for, but no CUDA device is available; use --device cpu or auto.")
     return torch.device(name)
 
 
+def _output_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path} is a file; give a folder to write the outputs into.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the output folder {path}: {err.strerror or _first_line(err)}.") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"the output folder {path} is not writable; choose another with --out.")
+    return out
+
+
 def _load(spec: str, arch: Optional[str], device: torch.device):
-    from .models import CheckpointNotFoundError, ModelSpecError, load_model
+    from .models import load_model
 
     try:
         loaded = load_model(spec, arch=arch)
-    except (CheckpointNotFoundError, ModelSpecError) as err:
-        raise UsageError(str(err)) from None
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise UsageError(f"unknown model {spec!r}: not a timm model name nor a checkpoint file.") from None
+    except (ValueError, OSError) as err:  # our own messages: unknown name, missing file, weights offline
+        raise UsageError(_first_line(err)) from None
+    except Exception as err:  # noqa: BLE001 - a checkpoint that does not fit the architecture, etc.
         raise UsageError(f"could not load {spec!r}: {_first_line(err)}") from None
-    except Exception as err:  # noqa: BLE001 - hub clients raise many types when offline
-        raise UsageError(f"could not load {spec!r}: {_first_line(err)}{_OFFLINE_HINT}") from None
     loaded.forward.to(device)
     return loaded
 
 
-def _resolve_target(target: Optional[str], class_names: Optional[Sequence[str]], num_classes: int) -> Optional[int]:
-    if target is None:
-        return None
-    if target.lstrip("-").isdigit():
-        index = int(target)
-    elif class_names is not None and target in class_names:
-        index = list(class_names).index(target)
-    else:
-        raise UsageError(f"unknown target {target!r}: give a class index in [0, {num_classes - 1}] or a class name.")
-    if not 0 <= index < num_classes:
-        raise UsageError(f"target {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1}).")
-    return index
+def expand_image_paths(specs: Sequence[str]) -> Tuple[List[Path], List[str]]:
+    """Files, folders (every image inside, recursively) and globs -> image paths, and specs that matched nothing."""
+    found: List[Path] = []
+    unmatched: List[str] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            matches = [path]
+        elif glob.has_magic(spec):
+            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        else:
+            matches = []
+        if not matches:
+            unmatched.append(spec)
+        found.extend(m for m in matches if m not in found)
+    return found, unmatched
+
+
+def resolve_class(target: str, class_names: Optional[Sequence[str]], num_classes: int) -> int:
+    """A class index from an index or a name: case-insensitive, any synonym of a ``"a, b, c"`` name."""
+    text = target.strip()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < num_classes:
+            raise UsageError(f"target {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1}).")
+        return index
+    if not class_names:
+        raise UsageError(f"unknown target {target!r}: this model has no class names; give a class index in [0, {num_classes - 1}].")
+    wanted = text.lower()
+    synonyms: Dict[str, List[int]] = {}
+    for i, name in enumerate(class_names):
+        for synonym in {name.lower(), *(s.strip().lower() for s in name.split(","))}:
+            synonyms.setdefault(synonym, []).append(i)
+    matches = sorted(set(synonyms.get(wanted, [])))
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        listed = "; ".join(f"{i}: {class_names[i]}" for i in matches)
+        raise UsageError(f"target {target!r} names {len(matches)} classes ({listed}); give the index.")
+    close = difflib.get_close_matches(wanted, list(synonyms), n=20, cutoff=0.6)
+    indices = list(dict.fromkeys(i for c in close for i in synonyms[c]))[:5]  # distinct classes, best first
+    hint = "; ".join(f"{class_names[i]} ({i})" for i in indices)
+    raise UsageError(f"unknown target {target!r}" + (f"; close matches: {hint}" if hint else "; give a class index or name") + ".")
 
 
 def _name(class_names: Optional[Sequence[str]], index: int) -> str:
     return f"{class_names[index]} ({index})" if class_names else str(index)
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
-    from PIL import UnidentifiedImageError
+def _read_images(paths: Sequence[Path], preprocess: Callable) -> Tuple[List[Tuple[Path, torch.Tensor]], List[str]]:
+    good, failed = [], []
+    for path in paths:
+        try:
+            good.append((path, preprocess(path)))
+        except (ValueError, OSError) as err:  # preprocess names the file
+            failed.append(_first_line(err) if str(path) in str(err) else f"{path} ({_first_line(err)})")
+    return good, failed
 
+
+def cmd_explain(args: argparse.Namespace) -> int:
     from .data import denormalize
     from .methods import explainer
     from .visualization import explanation_figure
 
     device = _device(args.device)
-    for path in args.images:
-        if not Path(path).is_file():
-            raise UsageError(f"{path}: no such file.")
+    paths, unmatched = expand_image_paths(args.images)
+    if not paths:
+        raise UsageError(f"{', '.join(unmatched)}: no such file, or no images in it.")
+    out = _output_dir(args.out)
     loaded = _load(args.model, args.arch, device)
     methods = args.method or ["reciprocam"]
-    fns = {m: explainer(m, loaded.forward, vit=loaded.vit) for m in methods}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
-        try:
-            x = loaded.preprocess(path).to(device)
-        except (UnidentifiedImageError, ValueError, OSError):
-            raise UsageError(f"{path}: not an image that PIL can read.") from None
+    fns = {m: explainer(m, loaded.forward, vit=loaded.vit, normalize=False) for m in methods}
+    failed = [f"{spec} (no such file, or no images in it)" for spec in unmatched]
+    stems: Dict[str, int] = {}
+    for start in range(0, len(paths), args.batch_size):
+        batch, bad = _read_images(paths[start : start + args.batch_size], loaded.preprocess)
+        failed.extend(bad)
+        if not batch:
+            continue
+        batch_stems = [_unique_stem(path, stems) for path, _ in batch]
+        x = torch.cat([t for _, t in batch]).to(device)
         with torch.no_grad():
-            probs = loaded.forward(x).float().softmax(-1)[0]
-        target = _resolve_target(args.target, loaded.class_names, probs.shape[0])
-        classes = [target] if target is not None else probs.topk(min(args.top_k, probs.shape[0])).indices.tolist()
-        stem = Path(path).stem
-        pixels = denormalize(x[0].cpu(), loaded.mean, loaded.std)
-        for c in classes:
-            maps, times = {}, {}
-            for m, fn in fns.items():
-                start = time.perf_counter()
-                result = fn(x, torch.tensor([c], device=device)).detach().cpu()
-                times[TITLES[m]] = 1000 * (time.perf_counter() - start)
-                maps[TITLES[m]] = result[0]
-                np.save(out / f"{stem}_{m}_class{c}.npy", result[0, 0].numpy())
-            figure = out / f"{stem}_class{c}.png"
-            title = f"{Path(path).name}\nclass {_name(loaded.class_names, c)}: p={probs[c]:.3f}"
-            explanation_figure(pixels, maps, title, figure, times)
-            print(f"{path}: class {_name(loaded.class_names, c)} p={probs[c]:.3f} -> {figure}")
+            probs = loaded.forward(x).float().softmax(-1)
+        C = probs.shape[1]
+        if args.target is not None:
+            targets = [[resolve_class(args.target, loaded.class_names, C)]] * len(batch)
+        else:
+            targets = probs.topk(min(args.top_k, C), dim=1).indices.tolist()
+        for rank in range(len(targets[0])):
+            t = torch.tensor([row[rank] for row in targets], device=device)
+            raw = {m: fn(x, t).detach().float().cpu() for m, fn in fns.items()}
+            for i, (path, _) in enumerate(batch):
+                c, stem = int(t[i]), batch_stems[i]
+                for m in methods:
+                    np.save(out / f"{stem}_{m}_class{c}.npy", raw[m][i, 0].numpy())
+                figure = out / f"{stem}_class{c}.png"
+                title = f"{path.name}\nclass {_name(loaded.class_names, c)}: p={probs[i, c]:.3f}"
+                maps = {TITLES[m]: raw[m][i] for m in methods}
+                agnostic = [TITLES[m] for m in methods if not REGISTRY[m].class_specific]
+                explanation_figure(denormalize(x[i].cpu(), loaded.mean, loaded.std), maps, title, figure,
+                                   class_agnostic=agnostic)
+                print(f"{path}: class {_name(loaded.class_names, c)} p={probs[i, c]:.3f} -> {figure}")
+    if failed:
+        print(f"captum-vit: error: {len(failed)} input(s) skipped: {'; '.join(failed)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _unique_stem(path: Path, taken: Dict[str, int]) -> str:
+    """Output file stem of ``path``: its name, numbered when two inputs share it (a/cat.png, b/cat.png)."""
+    n = taken.get(path.stem, 0)
+    taken[path.stem] = n + 1
+    return path.stem if n == 0 else f"{path.stem}_{n}"
 
 
 def _evaluation_loader(data: str, batch: int, limit: Optional[int], loaded):
@@ -128,19 +209,23 @@ def _evaluation_loader(data: str, batch: int, limit: Optional[int], loaded):
     path = Path(data)
     if not path.exists():
         raise UsageError(f"{data}: no such file or folder.")
-    if path.suffix == ".npz":
-        dataset = CIFAR10JPEG(path, "test")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise UsageError(f"{data}: give a CIFAR-10 .npz archive or a folder of images.")
+        dataset = CIFAR10JPEG(path, "test")  # names what is wrong with the file
         indices = range(len(dataset))
         if limit is not None:  # the archive is sorted by class: spread the subset over classes
             indices = dataset.balanced_indices(max(1, -(-limit // len(dataset.classes))))[:limit]
         return DataLoader(Subset(dataset, list(indices)), batch_size=batch)
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if limit is not None:
         files = files[:limit]
     if not files:
-        raise UsageError(f"{data}: no images (.png, .jpg, .jpeg, .bmp, .webp) found.")
-    images = torch.cat([loaded.preprocess(f) for f in files])
-    return DataLoader(TensorDataset(images), batch_size=batch)
+        raise UsageError(f"{data}: no images ({', '.join(IMAGE_SUFFIXES)}) found.")
+    good, failed = _read_images(files, loaded.preprocess)
+    if failed:
+        raise UsageError(f"{len(failed)} of {len(files)} images cannot be read: {'; '.join(failed)}")
+    return DataLoader(TensorDataset(torch.cat([t for _, t in good])), batch_size=batch)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -148,11 +233,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .metrics import evaluate_adcc
 
     device = _device(args.device)
+    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).is_file():
+        raise UsageError(f"--checkpoint-dir {args.checkpoint_dir} is a file; give a folder.")
     loaded = _load(args.model, args.arch, device)
     loader = _evaluation_loader(args.data, args.batch, args.limit, loaded)
     fn = explainer(args.method, loaded.forward, vit=loaded.vit)
     result = evaluate_adcc(loaded.forward, fn, loader, use_labels=args.use_labels,
-                           checkpoint_dir=args.checkpoint_dir, device=device)
+                           checkpoint_dir=args.checkpoint_dir, device=device, restart=args.restart)
     summary = result.summary()
     print(f"{TITLES[args.method]} on {args.model}, {summary['n']} images:")
     for key in ("average_drop", "average_increase", "coherency", "complexity", "adcc_of_means", "mean_adcc"):
@@ -163,45 +250,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), _device(args.device))
+    run_demo(_output_dir(args.out), _device(args.device))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, like every other error of the command."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"captum-vit: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captum-vit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="captum-vit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    methods_help = "; ".join(f"{m}: {TITLES[m]}" for m in CLI_METHODS)
+    devices = ["auto", "cpu", "cuda"]
 
     model_help = "timm model name (pretrained=True), a local .safetensors/.pth checkpoint, or 'default'"
     explain = sub.add_parser("explain", help="explain images and write overlays (PNG) and raw maps (.npy)")
-    explain.add_argument("images", nargs="+")
+    explain.add_argument("images", nargs="+", help="image files, folders (every image inside) or globs")
     explain.add_argument("--model", default="default", help=model_help)
     explain.add_argument("--arch", default=None, help="timm architecture of a .pth/.safetensors checkpoint")
-    explain.add_argument("--method", action="append", choices=CLI_METHODS,
-                         help="repeat for several (default: reciprocam)")
-    explain.add_argument("--target", default=None, help="class index or name (default: the top-k predictions)")
-    explain.add_argument("--top-k", type=int, default=1)
+    explain.add_argument("--method", action="append", choices=CLI_METHODS, metavar="METHOD",
+                         help=f"repeat for several (default: reciprocam). {methods_help}")
+    explain.add_argument("--target", default=None,
+                         help="class index or name, case-insensitive, any synonym (default: the top-k predictions)")
+    explain.add_argument("--top-k", type=_positive_int, default=1)
+    explain.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch (default 8)")
     explain.add_argument("--out", default="captum_vit_out")
-    explain.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    explain.add_argument("--device", default="auto", choices=devices)
     explain.set_defaults(func=cmd_explain)
 
     evaluate = sub.add_parser("evaluate", help="ADCC of a method over a dataset, with a progress bar")
     evaluate.add_argument("--model", default="default", help=model_help)
     evaluate.add_argument("--arch", default=None)
     evaluate.add_argument("--data", required=True, help="a CIFAR-10 .npz archive or a folder of images")
-    evaluate.add_argument("--method", default="reciprocam", choices=[m for m in METHODS if m != "random"])
+    evaluate.add_argument("--method", default="reciprocam", choices=CLI_METHODS, metavar="METHOD", help=methods_help)
     evaluate.add_argument("--metric", default="adcc", choices=["adcc"])
-    evaluate.add_argument("--limit", type=int, default=None, help="first N images (balanced over classes for .npz)")
-    evaluate.add_argument("--batch", type=int, default=32)
+    evaluate.add_argument("--limit", type=_positive_int, default=None,
+                          help="first N images (balanced over classes for .npz)")
+    evaluate.add_argument("--batch", type=_positive_int, default=32)
     evaluate.add_argument("--use-labels", action="store_true", help="explain labels instead of predictions")
     evaluate.add_argument("--checkpoint-dir", default=None, help="write finished batches here; resume from them")
-    evaluate.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    evaluate.add_argument("--restart", action="store_true", help="delete --checkpoint-dir's results and start over")
+    evaluate.add_argument("--device", default="auto", choices=devices)
     evaluate.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="explain the bundled images with the embedded model")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    demo.add_argument("--device", default="auto", choices=devices)
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -209,21 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "top_k", 1) < 1:
-        parser.error("--top-k must be at least 1")
     try:
         return args.func(args)
-    except UsageError as err:
-        print(f"captum-vit: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        if args.debug:
-            raise
-        print(f"captum-vit: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("captum-vit: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - every failure is one line unless --debug
+        if args.debug:
+            raise
+        if isinstance(err, UsageError):
+            message = str(err)
+        elif isinstance(err, OSError) and err.filename is not None:
+            message = f"{err.filename}: {err.strerror or _first_line(err)}"
+        elif isinstance(err, (ValueError, TypeError, OSError)):
+            message = _first_line(err)
+        else:
+            print(f"captum-vit: internal error: {type(err).__name__}: {_first_line(err)} "
+                  "(please report it; --debug shows the traceback)", file=sys.stderr)
+            return 1
+        print(f"captum-vit: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

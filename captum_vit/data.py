@@ -56,7 +56,17 @@ class CIFAR10JPEG(Dataset):
             )
         if split not in ("train", "test"):
             raise ValueError("split must be 'train' or 'test'.")
-        archive = np.load(path)
+        try:
+            archive = np.load(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} cannot be read as an .npz archive ({type(err).__name__}).") from None
+        needed = (f"{split}_jpeg", f"{split}_offsets", f"y_{split}", "classes")
+        missing = [k for k in needed if k not in getattr(archive, "files", ())]
+        if missing:
+            raise ValueError(
+                f"{path} is not a CIFAR-10 JPEG archive: it lacks {', '.join(missing)} "
+                "(captum_vit.data.write_cifar10_npz builds one)."
+            )
         self.jpeg = archive[f"{split}_jpeg"]
         self.offsets = archive[f"{split}_offsets"]
         self.labels = torch.from_numpy(archive[f"y_{split}"].astype(np.int64))

@@ -1,9 +1,11 @@
 """``captum-vit demo``: the embedded model explains the bundled images.
 
 Writes one figure per image into the output folder (image, prediction, one
-overlay per method, drawn with Captum's ``visualize_image_attr``), plus a
-class-by-class figure of a 2x2 mosaic of four classes, and prints where the
-figures are and how long each method took.
+overlay per method, drawn with Captum's ``visualize_image_attr``, each with a
+colour bar and its raw score range), plus a class-by-class figure of a 2x2
+mosaic of four classes, and prints where the figures are and how long each
+method took on this machine (timings are not drawn into the figures: they
+depend on what else the machine is doing).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Dict, List
 import torch
 
 from .data import denormalize
-from .methods import TITLES, explainer
+from .methods import REGISTRY, TITLES, explainer
 from .metrics import make_mosaic
 from .models import default_model, sample_images
 
@@ -39,7 +41,8 @@ def run_demo(out: Path, device: torch.device = torch.device("cpu")) -> List[Path
     loaded = default_model()
     model = loaded.forward.to(device)
     names = loaded.class_names
-    fns = {m: explainer(m, model, vit=loaded.vit) for m in DEMO_METHODS}
+    fns = {m: explainer(m, model, vit=loaded.vit, normalize=False) for m in DEMO_METHODS}
+    agnostic = [TITLES[m] for m in DEMO_METHODS if not REGISTRY[m].class_specific]
     print(f"model: embedded DeiT-Tiny trained on CIFAR-10 (test accuracy {loaded.info.get('test_acc')}); "
           f"methods: {', '.join(TITLES[m] for m in DEMO_METHODS)}")
 
@@ -64,7 +67,7 @@ def run_demo(out: Path, device: torch.device = torch.device("cpu")) -> List[Path
             totals[TITLES[m]].append(times[TITLES[m]])
         path = out / f"{stem}.png"
         title = f"true: {truth}\npredicted: {names[c]} (p={probs[c]:.2f})"
-        explanation_figure(denormalize(x[0].cpu()), maps, title, path, times)
+        explanation_figure(denormalize(x[0].cpu()), maps, title, path, class_agnostic=agnostic)
         written.append(path)
         print(f"  {path}  predicted {names[c]:>10} p={probs[c]:.2f}  " +
               "  ".join(f"{k} {v:.0f} ms" for k, v in times.items()))
@@ -94,7 +97,7 @@ def run_demo(out: Path, device: torch.device = torch.device("cpu")) -> List[Path
     written.append(path)
     print(f"  {path}  (maps for {', '.join(names[int(c)] for c in classes)}; the model, trained on single "
           f"objects, calls the mosaic {names[top]} p={mosaic_probs[top]:.2f})")
-    print("mean time per explanation on " + str(device) + ": " +
+    print("mean time per explanation, measured now on this machine (" + str(device) + "): " +
           ", ".join(f"{k} {sum(v) / len(v):.0f} ms" for k, v in totals.items()))
     print(f"{len(written)} figures written to {out.resolve()}")
     return written

@@ -108,6 +108,7 @@ def explainer(
     batch_size: Optional[int] = None,
     ig_steps: int = 50,
     seed: int = 0,
+    normalize: bool = True,
 ) -> MethodExplainer:
     """``explain(inputs, target)`` for method ``name`` (see the module table).
 
@@ -119,14 +120,19 @@ def explainer(
             images for the attention methods, IG's ``internal_batch_size``).
         ig_steps: IntegratedGradients ``n_steps``.
         seed: seed of the random control.
+        normalize: min-max scale captum_vit's own methods' maps per image
+            (their ``attribute(normalize=...)``); ``False`` gives raw scores.
 
     The returned function gives unnormalised maps for Captum's baselines and
-    min-max normalised maps for the rest, each ``(B, 1, ...)`` as the table.
+    the random control, and maps scaled as ``normalize`` says for the rest,
+    each ``(B, 1, ...)`` as the table.
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
     spec = REGISTRY[name]
     options = dict(spec.options)
+    if not normalize:
+        options["normalize"] = False
     if name.startswith("reciprocam"):
         adapter = find_adapter(forward_func, None, vit)
         cam = LayerReciproCAM(forward_func, adapter.blocks[-1], vit=adapter.model)
@@ -137,15 +143,16 @@ def explainer(
         fn = lambda x, t: method.attribute(x, target=t, batch_size=batch_size, **options)  # noqa: E731
     elif name == "ig":
         ig = IntegratedGradients(forward_func)
-        options["n_steps"] = ig_steps
+        options = {"n_steps": ig_steps}
         fn = lambda x, t: integrated_gradients_map(ig, x, t, n_steps=ig_steps, internal_batch_size=batch_size)  # noqa: E731
     elif name == "layergradcam":
+        options = {}
         gradcam = vit_layer_gradcam(forward_func, vit=vit)
         fn = lambda x, t: gradcam.attribute(x, target=t, relu_attributions=True)  # noqa: E731
     else:
         adapter = find_adapter(forward_func, None, vit)
         generator = torch.Generator().manual_seed(seed)
-        options["seed"] = seed
+        options = {"seed": seed}
 
         def fn(x: Tensor, t: Any) -> Tensor:
             h, w = adapter.grid_for(x.shape[-2:])

@@ -7,10 +7,13 @@ model name loads with ``pretrained=True`` wherever timm can fetch weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+import socket
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,41 @@ class ModelSpecError(ValueError):
     """A model request this module cannot resolve (e.g. a checkpoint of unknown architecture)."""
 
 
+class WeightsUnavailableError(OSError):
+    """Pretrained weights neither cached nor downloadable (no network)."""
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(timeout: float = 3.0) -> Iterator[bool]:
+    """Yield whether the model hub answers; if not, put huggingface_hub in offline mode meanwhile.
+
+    Offline, the hub client retries each file for about a minute and prints
+    every retry; in offline mode it reads the local cache only and fails at once.
+    """
+    from huggingface_hub import constants
+
+    reachable = not constants.HF_HUB_OFFLINE
+    if reachable:
+        try:
+            socket.create_connection((_hub_host(), 443), timeout=timeout).close()
+        except OSError:
+            reachable = False
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or not reachable
+    try:
+        yield reachable
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 class CIFARClassifier(nn.Module):
     """A CIFAR-10 ViT taking normalised 32x32 images.
 
@@ -84,12 +122,30 @@ class LoadedModel:
     class_names: Optional[Sequence[str]]
     name: str
     info: Dict[str, str]
+    #: timm's data config (``resolve_data_config``): input size, crop, interpolation, mean, std
+    data_config: Dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        """timm's evaluation transform for :attr:`data_config` (resize, centre crop, normalise)."""
+        from timm.data import create_transform
+
+        return create_transform(**self.data_config, is_training=False)
 
     def preprocess(self, image) -> torch.Tensor:
-        """A PIL image (or path) -> a normalised ``(1, 3, H, W)`` tensor."""
-        from .data import pil_to_tensor
+        """A PIL image (or path) -> a normalised ``(1, 3, H, W)`` tensor, through timm's transform.
 
-        return pil_to_tensor(image, self.input_size, self.mean, self.std)[None]
+        Raises ``ValueError`` naming the file when it is not a readable image.
+        """
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            try:
+                with Image.open(image) as opened:
+                    image = opened.convert("RGB")
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{image} is not a readable image ({type(err).__name__}).") from None
+        return self.transform(image.convert("RGB"))[None]
 
 
 def load_cifar_checkpoint(path: str | Path, arch: Optional[str] = None) -> LoadedModel:
@@ -119,6 +175,9 @@ def load_cifar_checkpoint(path: str | Path, arch: Optional[str] = None) -> Loade
         class_names=CIFAR10_CLASSES,
         name=stem,
         info=metadata,
+        # CIFAR images are 32x32 already; other pictures keep their aspect (resize, centre crop)
+        data_config=dict(input_size=(3, 32, 32), interpolation="bicubic", mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                         crop_pct=1.0, crop_mode="center"),
     )
 
 
@@ -136,9 +195,24 @@ def load_timm_model(name: str, checkpoint: Optional[str | Path] = None, num_clas
     import timm
     from timm.data import resolve_data_config
 
+    if not timm.is_model(name):
+        raise ModelSpecError(
+            f"unknown model {name!r}: not a timm model name (timm.list_models('*deit*') lists them) "
+            "nor a checkpoint file."
+        )
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if checkpoint is None:
-        vit = timm.create_model(name, pretrained=True, **kwargs)
+        with _hub_offline_unless_reachable() as reachable:
+            try:
+                vit = timm.create_model(name, pretrained=True, **kwargs)
+            except Exception as err:  # noqa: BLE001 - hub clients raise many types when offline
+                if reachable:
+                    raise
+                raise WeightsUnavailableError(
+                    f"pretrained weights for {name!r} are not in the local cache and {_hub_host()} cannot be "
+                    "reached (offline?): download them once online, or load a local checkpoint "
+                    "(load_model(path, arch=name); CLI: --model PATH --arch NAME), or use the embedded default."
+                ) from err
     else:
         vit = timm.create_model(name, pretrained=False, **kwargs)
         vit.load_state_dict(_read_state_dict(Path(checkpoint)))
@@ -154,7 +228,9 @@ def load_timm_model(name: str, checkpoint: Optional[str | Path] = None, num_clas
         except Exception:  # noqa: BLE001 - names are a nicety, never a reason to fail
             class_names = None
     size = config["input_size"][1:]
-    return LoadedModel(vit, vit, (int(size[0]), int(size[1])), config["mean"], config["std"], class_names, name, {})
+    return LoadedModel(
+        vit, vit, (int(size[0]), int(size[1])), config["mean"], config["std"], class_names, name, {}, config
+    )
 
 
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ backend when no display is configured); ``import captum_vit`` does not.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,20 +43,57 @@ def heat_for(map_: torch.Tensor, size: Sequence[int]) -> np.ndarray:
     return upsample_maps(m, size)[0].permute(1, 2, 0).cpu().numpy()
 
 
-def draw_overlay(ax, image: np.ndarray, heat: np.ndarray, title: str) -> None:
-    """One blended heat map on ``ax`` via Captum (an all-zero map is drawn plain)."""
+#: a map whose values differ by less than this fraction of their magnitude is flat: its
+#: min-max stretched picture shows rounding noise, not evidence
+FLAT_RELATIVE_RANGE = 1e-3
+
+
+def raw_range(map_: torch.Tensor) -> Tuple[float, float, bool]:
+    """``(min, max, flat)`` of a raw map; ``flat`` when the range is below
+    :data:`FLAT_RELATIVE_RANGE` of the largest magnitude (or the map is constant)."""
+    lo, hi = float(map_.min()), float(map_.max())
+    scale = max(abs(lo), abs(hi))
+    return lo, hi, (hi - lo) <= FLAT_RELATIVE_RANGE * scale
+
+
+def range_caption(map_: torch.Tensor) -> str:
+    """``"raw 0.844 .. 0.848"``, with a warning for a flat map."""
+    lo, hi, flat = raw_range(map_)
+    text = f"raw {lo:.3g} .. {hi:.3g}"
+    return text + "\nFLAT: differences are noise" if flat else text
+
+
+def draw_overlay(ax, image: np.ndarray, map_: torch.Tensor, title: str) -> None:
+    """One map over ``image`` on ``ax`` via Captum, with a colour bar and its raw range.
+
+    The map is min-max scaled for display (colour bar 0..1 = raw min..max,
+    written under the title); a flat map (see :func:`raw_range`) is hatched
+    and captioned as such.
+    """
     from captum.attr import visualization as viz
 
-    if not np.any(heat):
+    heat = heat_for(map_, image.shape[:2])
+    caption = f"{title}\n{range_caption(map_)}"
+    lo, hi, flat = raw_range(map_)
+    if hi == lo:
         ax.imshow(image)
-        ax.set_title(title + "\n(all-zero map)", fontsize=9)
+        ax.set_title(caption, fontsize=8)
         ax.axis("off")
         return
     viz.visualize_image_attr(
         heat, image, method="blended_heat_map", sign="positive", cmap="jet", alpha_overlay=0.5,
-        plt_fig_axis=(ax.figure, ax), use_pyplot=False, title=title, fig_size=(3, 3),
+        plt_fig_axis=(ax.figure, ax), use_pyplot=False, title=caption, fig_size=(3, 3), show_colorbar=True,
+        outlier_perc=0,
     )
-    ax.title.set_fontsize(9)
+    ax.title.set_fontsize(8)
+    if flat:
+        ax.add_patch(_hatch(ax, image.shape))
+
+
+def _hatch(ax, shape):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((0, 0), shape[1], shape[0], fill=False, hatch="//", edgecolor="white", linewidth=0)
 
 
 def explanation_figure(
@@ -64,21 +101,34 @@ def explanation_figure(
     maps: Dict[str, torch.Tensor],
     title: str,
     out: Optional[str | Path] = None,
-    timings: Optional[Dict[str, float]] = None,
+    class_agnostic: Sequence[str] = (),
 ):
-    """Image, then one overlay per method: ``maps`` is ``{method title: (1, h, w) map}``."""
+    """Image, then one overlay per method.
+
+    Args:
+        pixels: ``(3, H, W)`` image in ``[0, 1]``.
+        maps: ``{method title: (1, h, w) raw map}``; each is min-max scaled
+            for display, with its raw range in the caption.
+        title: caption of the image (prediction, class).
+        out: where to save the PNG (the figure is returned open if ``None``).
+        class_agnostic: method titles whose map does not depend on the class
+            (captioned "any class").
+    """
     plt = _pyplot()
     image = display_image(pixels)
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3 * (len(maps) + 1), 3.7))
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3.3 * (len(maps) + 1), 3.6))
     axes[0].imshow(image)
     axes[0].set_title(title, fontsize=9)
     axes[0].axis("off")
     for ax, (name, map_) in zip(axes[1:], maps.items()):
-        label = name if not timings else f"{name} ({timings[name]:.0f} ms)"
-        draw_overlay(ax, image, heat_for(map_, image.shape[:2]), label)
-    fig.tight_layout(pad=1.5)
+        draw_overlay(ax, image, map_, f"{name} (any class)" if name in class_agnostic else name)
+    return _finish(plt, fig, out)
+
+
+def _finish(plt, fig, out: Optional[str | Path]):
+    fig.tight_layout()
     if out is not None:
-        fig.savefig(out, dpi=100)
+        fig.savefig(out, dpi=100, bbox_inches="tight", pad_inches=0.05)  # no empty strips
         plt.close(fig)
     return fig
 
@@ -90,11 +140,11 @@ def class_grid_figure(
     title: str,
     out: Optional[str | Path] = None,
 ):
-    """Rows: methods; columns: one class each. ``maps[method]`` is ``(k, h, w)``."""
+    """Rows: methods; columns: one class each. ``maps[method]`` is ``(k, h, w)`` raw maps."""
     plt = _pyplot()
     image = display_image(pixels, size=256)
     rows, cols = len(maps), len(class_names)
-    fig, axes = plt.subplots(rows, cols + 1, figsize=(2.6 * (cols + 1), 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols + 1, figsize=(3.0 * (cols + 1), 3.0 * rows), squeeze=False)
     for r, (method, class_maps) in enumerate(maps.items()):
         axes[r, 0].imshow(image)
         axes[r, 0].set_title(title if r == 0 else "", fontsize=9)
@@ -102,9 +152,5 @@ def class_grid_figure(
         axes[r, 0].set_xticks([])
         axes[r, 0].set_yticks([])
         for c, name in enumerate(class_names):
-            draw_overlay(axes[r, c + 1], image, heat_for(class_maps[c], image.shape[:2]), f"{method}: {name}")
-    fig.tight_layout()
-    if out is not None:
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-    return fig
+            draw_overlay(axes[r, c + 1], image, class_maps[c : c + 1], f"{method}: {name}")
+    return _finish(plt, fig, out)

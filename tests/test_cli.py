@@ -27,10 +27,61 @@ def test_explain_writes_overlays_and_maps(sample, tmp_path, capsys):
     assert "class cat (3)" in printed
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 2 and "cat_class3.png" in pngs
-    maps = np.load(out / "cat_reciprocam_class3.npy")
-    assert maps.shape == (14, 14) and 0 <= maps.min() and maps.max() <= 1
-    assert cli.main(["explain", str(sample), "--target", "dog", "--out", str(out)]) == 0
+    maps = np.load(out / "cat_reciprocam_class3.npy")  # raw softmax scores, not stretched to [0, 1]
+    assert maps.shape == (14, 14) and 0 < maps.min() < maps.max() < 1 and maps.max() - maps.min() < 0.5
+    assert cli.main(["explain", str(sample), "--target", "DOG", "--out", str(out)]) == 0
     assert (out / "cat_reciprocam_class5.npy").exists()
+
+
+def test_explain_takes_folders_and_globs_and_lists_the_files_it_skipped(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    samples = sorted((ASSETS / "samples").glob("*.png"))
+    shutil.copyfile(samples[0], folder / "a.png")
+    shutil.copyfile(samples[1], folder / "more" / "a.png")  # same name, other folder: both kept
+    (folder / "broken.png").write_text("not a picture")
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "out"
+    code = cli.main(["explain", str(folder), str(tmp_path / "nothing*.png"), "--batch-size", "2",
+                     "--out", str(out), "--method", "rollout"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(
+        f"{stem}_class{c}.png" for stem, c in zip(["a", "a_1"], _predictions(folder))
+    )
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "2 input(s) skipped" in err
+    assert "broken.png is not a readable image" in err and "nothing*.png (no such file" in err
+    assert "Traceback" not in captured.err
+
+
+def _predictions(folder):
+    from captum_vit.models import default_model
+
+    loaded = default_model()
+    out = []
+    for path in (folder / "a.png", folder / "more" / "a.png"):
+        out.append(int(loaded.forward(loaded.preprocess(path)).argmax()))
+    return out
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [("Cat", 3), ("  dog ", 5), ("7", 7)],
+)
+def test_class_names_are_forgiving(target, expected):
+    assert cli.resolve_class(target, ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse"], 8) \
+        == expected
+
+
+def test_class_name_synonyms_and_ambiguity():
+    names = ["tabby, tabby cat", "tiger cat", "crane", "crane", "Egyptian cat"]
+    assert cli.resolve_class("TABBY", names, 5) == 0
+    assert cli.resolve_class("tabby cat", names, 5) == 0
+    with pytest.raises(cli.UsageError, match="names 2 classes .2: crane; 3: crane."):
+        cli.resolve_class("crane", names, 5)
+    with pytest.raises(cli.UsageError, match=r"close matches: tabby, tabby cat \(0\)\.$"):
+        cli.resolve_class("tabby kat", names, 5)
 
 
 def test_evaluate_on_a_folder(sample, tmp_path, capsys):
@@ -38,23 +89,38 @@ def test_evaluate_on_a_folder(sample, tmp_path, capsys):
     folder.mkdir()
     for f in sorted((ASSETS / "samples").glob("*.png"))[:3]:
         shutil.copyfile(f, folder / f.name)
-    assert cli.main(["evaluate", "--data", str(folder), "--method", "reciprocam", "--batch", "2"]) == 0
+    runs = tmp_path / "runs"
+    args = ["evaluate", "--data", str(folder), "--batch", "2", "--checkpoint-dir", str(runs)]
+    assert cli.main(args + ["--method", "reciprocam"]) == 0
     out = capsys.readouterr().out
     assert "3 images" in out and "adcc_of_means" in out
+    assert cli.main(args + ["--method", "rollout"]) == 2  # another method's files are not resumed
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "method is 'reciprocam' there but 'rollout' now" in err and "--restart" in err
+    assert cli.main(args + ["--method", "rollout", "--restart"]) == 0
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["explain", "missing.png"], "missing.png: no such file"),
-        (["explain", "{not_image}"], "not an image"),
+        (["explain", "{not_image}"], "notes.png is not a readable image"),
         (["explain", "{sample}", "--model", "no_such_model_xyz"], "unknown model 'no_such_model_xyz'"),
-        (["explain", "{sample}", "--model", "deit_tiny_patch16_224"], "could not load 'deit_tiny_patch16_224'"),
+        (["explain", "{sample}", "--model", "deit_tiny_patch16_224"], "pretrained weights for 'deit_tiny_patch16_224' are not in the local cache"),
         (["explain", "{sample}", "--target", "12"], "target 12 is out of range"),
         (["explain", "{sample}", "--target", "unicorn"], "unknown target 'unicorn'"),
         (["explain", "{sample}", "--model", "weights.pth"], "checkpoint weights.pth does not exist"),
         (["explain", "{sample}", "--model", "{sample_ckpt}"], "give the timm architecture"),
         (["evaluate", "--data", "nowhere"], "nowhere: no such file or folder"),
+        (["explain", "{folder}"], "no such file, or no images in it"),
+        (["explain", "{sample}", "--out", "{sample}"], "is a file; give a folder"),
+        (["explain", "{sample}", "--out", "/dev/null/out"], "cannot create the output folder /dev/null/out"),
+        (["demo", "--out", "/dev/null/out"], "cannot create the output folder /dev/null/out"),
+        (["evaluate", "--data", "{folder}", "--checkpoint-dir", "{sample}"], "is a file; give a folder"),
+        (["evaluate", "--data", "{bad_npz}"], "lacks test_jpeg, test_offsets, y_test, classes"),
+        (["evaluate", "--data", "{not_npz}"], "cannot be read as an .npz archive"),
+        (["evaluate", "--data", "{folder}", "--limit", "-5"], "expected a positive integer, got -5"),
+        (["explain", "{sample}", "--top-k", "0"], "expected a positive integer, got 0"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, sample, tmp_path, capsys, monkeypatch):
@@ -66,8 +132,19 @@ def test_bad_input_is_one_line(argv, message, sample, tmp_path, capsys, monkeypa
     not_image.write_text("not a picture")
     ckpt = tmp_path / "mine.pth"
     ckpt.write_bytes(b"")
-    argv = [a.format(sample=sample, not_image=not_image, sample_ckpt=ckpt) for a in argv]
-    assert cli.main(argv) == 2
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    bad_npz = tmp_path / "other.npz"
+    np.savez(bad_npz, x=np.zeros(3))
+    not_npz = tmp_path / "text.npz"
+    not_npz.write_text("not an archive")
+    argv = [a.format(sample=sample, not_image=not_image, sample_ckpt=ckpt, folder=folder, bad_npz=bad_npz,
+                     not_npz=not_npz) for a in argv]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse refuses bad option values itself
+        code = exit_.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("captum-vit: error:") and message in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err

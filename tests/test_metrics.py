@@ -239,8 +239,12 @@ def test_a_checkpoint_directory_refuses_another_run(tmp_path):
     assert '"method": "reciprocam"' in manifest and '"batch_size": 2' in manifest
     with pytest.raises(CheckpointMismatchError, match="method is 'reciprocam' there but 'agcam' now"):
         _checkpoint_run(model, by_two, tmp_path, method="agcam")
-    with pytest.raises(CheckpointMismatchError, match="batch_size is 2 there but 4 now"):
+    with pytest.raises(CheckpointMismatchError, match="num_batches is 2 there but 1 now"):
         _checkpoint_run(model, [(images, labels)], tmp_path)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    with pytest.raises(CheckpointMismatchError, match="batch_size is 2 there but 4 now"):
+        _checkpoint_run(model, DataLoader(TensorDataset(images, labels), batch_size=4), tmp_path)
     with pytest.raises(CheckpointMismatchError, match="baseline is 0.0 there but 0.5 now"):
         _checkpoint_run(model, by_two, tmp_path, baseline=0.5)
     other_weights, _ = make_model("vit_reg4", seed=5)

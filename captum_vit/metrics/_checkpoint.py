@@ -106,14 +106,22 @@ class CheckpointDirectory:
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
 
-    def check_manifest(self, first_batch_size: int) -> None:
-        """Refuse another run's directory; write the manifest of a new one."""
+    def check_manifest(self, first_batch_size: Optional[int]) -> None:
+        """Refuse another run's directory; write the manifest of a new one.
+
+        With ``first_batch_size=None`` (not known before the first batch)
+        only an existing manifest's other fields are checked.
+        """
         if self._manifest_checked:
             return
-        expected = dict(self.identity, batch_size=first_batch_size)
+        expected: Dict[str, Any] = dict(self.identity)
+        if first_batch_size is not None:
+            expected["batch_size"] = first_batch_size
+        elif not self.manifest_path.exists():
+            return
         # the most telling difference first: what was run, on which weights, then how the data was cut
         order = ["method", "model", "batch_size"]
-        expected = {k: expected[k] for k in order + sorted(set(expected) - set(order))}
+        expected = {k: expected[k] for k in [*order, *sorted(set(expected) - set(order))] if k in expected}
         if self.manifest_path.exists():
             try:
                 found = json.loads(self.manifest_path.read_text())
@@ -137,7 +145,7 @@ class CheckpointDirectory:
             tmp = self.manifest_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(expected, indent=2, sort_keys=True))
             tmp.replace(self.manifest_path)
-        self._manifest_checked = True
+        self._manifest_checked = first_batch_size is not None
 
     def batch_path(self, index: int) -> Path:
         return self.path / f"batch_{index:05d}.pt"

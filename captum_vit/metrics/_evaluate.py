@@ -68,6 +68,7 @@ def evaluate_adcc(
             method_id or method_identity(explain_func), model_fingerprint(forward_func), loader, use_labels, baseline
         )
         checkpoints = CheckpointDirectory(checkpoint_dir, identity, restart=restart)
+        checkpoints.check_manifest(getattr(loader, "batch_size", None))  # refuse before any work when possible
     names = [f.name for f in fields(ADCCResult)]
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     results = []
