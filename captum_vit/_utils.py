@@ -8,6 +8,7 @@ knows Captum's conventions (tensor or tuple inputs, target forms) and how
 from __future__ import annotations
 
 import contextlib
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -165,14 +166,23 @@ def prepare_targets(target: Any, batch_size: int) -> Targets:
         )
     if isinstance(target, bool) or (isinstance(target, float)):
         raise TypeError(f"target must be an integer class index; got {target!r}.")
+    if not isinstance(target, (int, Tensor)) and hasattr(target, "__index__") and not hasattr(target, "shape"):
+        target = operator.index(target)  # e.g. a numpy integer scalar
+    elif not isinstance(target, (Tensor, list)) and hasattr(target, "__array__"):
+        target = _array_target(target)
     if isinstance(target, int):
+        _check_int64(target)
         return Targets(torch.full((batch_size, 1), target, dtype=torch.long), several=False)
     if isinstance(target, list):
-        if not all(isinstance(t, (int, list, Tensor)) and not isinstance(t, bool) for t in target):
+        if not all(isinstance(t, (int, list, Tensor)) or hasattr(t, "__index__") for t in target) or any(
+            isinstance(t, bool) for t in target
+        ):
             raise TypeError("a list target must hold one class index (or a list of them) per example.")
+        for t in _flatten(target):
+            _check_int64(t)
         try:
             target = torch.as_tensor(target)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, RuntimeError) as err:
             raise ValueError(f"could not read the list target as a (B,) or (B, k) index: {err}") from None
     if not isinstance(target, Tensor):
         raise TypeError(f"unsupported target type {type(target).__name__}; use an int, a list or a tensor.")
@@ -189,12 +199,36 @@ def prepare_targets(target: Any, batch_size: int) -> Targets:
             )
         return Targets(target[:, None], several=False)
     if target.dim() == 2:
+        if target.shape[1] == 0:
+            raise ValueError(f"a 2-D target needs at least one class per example; got shape {tuple(target.shape)}.")
         if target.shape[0] != batch_size:
             raise ValueError(
                 f"a 2-D target must have one row per example ({batch_size}); got shape {tuple(target.shape)}."
             )
         return Targets(target, several=True)
     raise ValueError(f"target must be 0-, 1- or 2-D; got shape {tuple(target.shape)}.")
+
+
+def _check_int64(value: Any) -> None:
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"target {value} is out of range: it is not a class index of any model.")
+
+
+def _flatten(values: Any) -> Iterator[Any]:
+    for v in values:
+        if isinstance(v, list):
+            yield from _flatten(v)
+        else:
+            yield v
+
+
+def _array_target(target: Any) -> Tensor:
+    import numpy as np
+
+    array = np.asarray(target)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"target must hold integer class indices; got an array of {array.dtype}.")
+    return torch.from_numpy(array.astype(np.int64))
 
 
 def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:

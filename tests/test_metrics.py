@@ -289,3 +289,66 @@ def test_checkpoint_files_without_a_manifest_and_a_file_as_directory_are_refused
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
         _checkpoint_run(model, loader, tmp_path / "file")
+
+
+def _nan_map(x, t):
+    m = torch.rand(x.shape[0], 1, 4, 4)
+    m[0, 0, 1, 1] = float("nan")
+    return m
+
+
+def _one_map_short(x, t):
+    return torch.rand(x.shape[0] - 1, 1, 4, 4)
+
+
+_MAPS = torch.rand(3, 1, 4, 4)
+_BOXES = [[(0, 0, 4, 4)]] * 3
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda m: deletion_insertion(m, IMAGES, _MAPS, 0, steps=0), ValueError, "steps must be a positive integer"),
+        (lambda m: deletion_insertion(m, IMAGES, _MAPS, 0, steps=2.5), ValueError, "steps must be a positive integer"),
+        (lambda m: deletion_insertion(m, IMAGES, _MAPS, 7), ValueError, "target 7 is out of range"),
+        (lambda m: deletion_insertion(m, IMAGES, _MAPS, [0, 1]), ValueError, "target has 2 entries but inputs hold 3"),
+        (lambda m: deletion_insertion(m, IMAGES, _MAPS[:2], 0), ValueError, "2 maps for 3 images"),
+        (lambda m: deletion_insertion(m, IMAGES, _MAPS, 0, baseline=float("nan")), ValueError, "baseline must be"),
+        (lambda m: deletion_insertion(m, IMAGES, _nan_map(IMAGES, 0), 0), ValueError, r"image\(s\) \[0\] hold NaN"),
+        (lambda m: deletion_insertion(m, IMAGES, _MAPS, torch.zeros(3, 0, dtype=torch.long)), ValueError,
+         "needs at least one class"),
+        (lambda m: deletion_insertion(m, IMAGES, _MAPS, 2**70), ValueError, "is out of range"),
+        (lambda m: expand_to_input(_MAPS[:2], IMAGES), ValueError, "2 maps for 3 images"),
+        (lambda m: adcc(m, _one_map_short, IMAGES, target=0), ValueError, "adcc: 2 maps for 3 images"),
+        (lambda m: adcc(m, _nan_map, IMAGES, target=0), ValueError, "hold NaN or infinite values"),
+        (lambda m: adcc(m, region_map, IMAGES, target=0, baseline="zero"), ValueError, "baseline must be"),
+        (lambda m: pointing_game(region_map, IMAGES, [[0, 1, 0]] * 3), ValueError, r"must be \(N, 4\)"),
+        (lambda m: pointing_game(region_map, IMAGES, torch.zeros(3, 4)), TypeError, "integer class indices"),
+        (lambda m: box_localization(_MAPS, _BOXES[:2]), ValueError, "2 .*|3 maps for 2 images"),
+        (lambda m: box_localization(_MAPS, _BOXES, threshold=1.5), ValueError, r"must lie in \[0, 1\)"),
+        (lambda m: box_localization(_MAPS, _BOXES, correct=torch.ones(2)), ValueError, r"correct must be \(3,\)"),
+        (lambda m: box_localization(_nan_map(IMAGES, 0), _BOXES), ValueError, "hold NaN"),
+    ],
+)
+def test_metrics_refuse_bad_input_in_one_line(call, error, message):
+    with pytest.raises(error, match=message) as info:
+        call(RegionModel())
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_metrics_accept_every_target_form_and_say_why_a_mean_is_nan():
+    model = RegionModel()
+    reference = deletion_insertion(model, IMAGES, _MAPS, torch.zeros(3, dtype=torch.long), steps=4)
+    for target in (0, [0, 0, 0], None):  # None: the predicted class, 0 for these images
+        for got, want in zip(deletion_insertion(model, IMAGES, _MAPS, target, steps=4), reference):
+            assert torch.equal(got, want)
+    scores = pointing_game(region_map, IMAGES, [[0, 1, 0, 1]] * 3)
+    assert torch.equal(scores, pointing_game(region_map, IMAGES, torch.tensor([[0, 1, 0, 1]] * 3)))
+    with pytest.warns(UserWarning, match="no image is marked correct"):
+        result = box_localization(_MAPS, _BOXES, correct=torch.zeros(3, dtype=torch.bool))
+    assert math.isnan(result["mean"]["iou"]) and torch.isfinite(result["iou"]).all()
+    from captum_vit.metrics import ADCCResult
+
+    empty = ADCCResult(*[torch.zeros(0)] * 6)
+    with pytest.raises(ValueError, match="holds no examples"):
+        empty.summary()

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_batch_size, forward_logits, prepare_inputs, prepare_targets, row_chunks
-from ._maps import as_explain_func, upsample_maps
+from ._maps import as_explain_func, check_number, checked_maps, upsample_maps
 
 
 @dataclass
@@ -42,6 +42,8 @@ class ADCCResult:
         harmonic mean of the dataset means of the components; ``mean_adcc``
         is the mean of the per-example ADCC.
         """
+        if len(self) == 0:
+            raise ValueError("this ADCCResult holds no examples; its summary would be NaN.")
         drop = self.average_drop.mean().item()
         coh = self.coherency.mean().item()
         com = self.complexity.mean().item()
@@ -104,6 +106,8 @@ def adcc(
     """
     prepared = prepare_inputs(inputs)
     targets = prepare_targets(target, prepared.batch_size)
+    if not isinstance(baseline, Tensor):
+        baseline = check_number(baseline, "baseline")
     if targets.several:
         raise ValueError("adcc takes one target per example.")
     check_batch_size(batch_size)
@@ -114,13 +118,13 @@ def adcc(
         with torch.no_grad():
             probs = forward_logits(forward_func, (x,)).float().softmax(-1)
         t = targets.resolve(probs, rows)[:, 0]
-        maps = upsample_maps(explain(x, t), x.shape[-2:])
+        maps = upsample_maps(checked_maps(explain(x, t), x.shape[0], "adcc"), x.shape[-2:])
         explanation = baseline + maps.to(x.dtype) * (x - baseline)
         with torch.no_grad():
             probs_e = forward_logits(forward_func, (explanation,)).float().softmax(-1)
         y = probs.gather(1, t[:, None])[:, 0]
         o = probs_e.gather(1, t[:, None])[:, 0]
-        maps_e = upsample_maps(explain(explanation, t), x.shape[-2:])
+        maps_e = upsample_maps(checked_maps(explain(explanation, t), x.shape[0], "adcc"), x.shape[-2:])
         r, constant = pearson(maps, maps_e)
         drop = (y - o).clamp_min(0) / y.clamp_min(1e-12)
         coherency = torch.where(constant, torch.zeros_like(r), (r + 1) / 2)

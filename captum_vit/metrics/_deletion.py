@@ -7,15 +7,15 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._utils import check_batch_size, forward_logits
-from ._maps import upsample_maps
+from .._utils import check_batch_size, forward_logits, prepare_inputs, prepare_targets
+from ._maps import check_number, checked_maps, upsample_maps
 
 
 def deletion_insertion(
     forward_func: Callable[..., Any],
     inputs: Tensor,
     maps: Tensor,
-    target: Tensor,
+    target: Any = None,
     steps: int = 16,
     baseline: float = 0.0,
     batch_size: Optional[int] = None,
@@ -33,8 +33,9 @@ def deletion_insertion(
         forward_func: model mapping ``(B, C, H, W)`` to logits.
         inputs: ``(N, C, H, W)``.
         maps: ``(N, 1, h, w)`` explanations of ``target``.
-        target: ``(N,)`` class indices.
-        steps: number of equal pixel fractions.
+        target: the explained classes: ``None`` (the predicted class), an
+            ``int``, a list of ``N`` ints or an ``(N,)`` tensor.
+        steps: number of equal pixel fractions (a positive integer).
         baseline: value of removed pixels (0 in the model's input space).
         batch_size: images per forward pass (each example needs
             ``2 * (steps + 1)`` of them).
@@ -43,7 +44,16 @@ def deletion_insertion(
         ``(deletion_auc, insertion_auc)``, each ``(N,)``.
     """
     check_batch_size(batch_size)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}.")
+    baseline = check_number(baseline, "baseline")
+    prepared = prepare_inputs(inputs)
+    inputs = prepared.images
     N, C, H, W = inputs.shape
+    targets = prepare_targets(target, N)
+    if targets.several:
+        raise ValueError("deletion_insertion takes one target per example; pass an int, N ints or an (N,) tensor.")
+    maps = checked_maps(maps, N, "deletion_insertion")
     order = upsample_maps(maps, (H, W)).flatten(1).argsort(dim=1, descending=True, stable=True)
     fractions = torch.linspace(0, 1, steps + 1)
     counts = (fractions * H * W).round().long()
@@ -63,8 +73,11 @@ def deletion_insertion(
         inserted = base * (1 - revealed) + x[:, None] * revealed
         batch = torch.cat([deleted, inserted], dim=1).reshape(-1, C, H, W)
         with torch.no_grad():
-            probs = forward_logits(forward_func, (batch,)).float().softmax(-1)
-        t = target[rows].to(probs.device).repeat_interleave(2 * (steps + 1))
+            logits = forward_logits(forward_func, (batch,)).float()
+        probs = logits.softmax(-1)
+        # row 0 of each example's deletion curve is the image itself: its logits resolve the target
+        first = probs.view(n, 2 * (steps + 1), -1)[:, 0]
+        t = targets.resolve(first, rows)[:, 0].repeat_interleave(2 * (steps + 1))
         p = probs.gather(1, t[:, None]).view(n, 2, steps + 1)
         curves[:, rows] = p.permute(1, 0, 2).cpu()
     area = torch.trapezoid(curves, dx=1.0 / steps, dim=-1)

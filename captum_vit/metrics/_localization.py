@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .._utils import check_batch_size, row_chunks
-from ._maps import as_explain_func, as_map_batch, upsample_maps
+from .._utils import check_batch_size, prepare_inputs, row_chunks
+from ._maps import as_explain_func, as_map_batch, check_number, checked_maps, upsample_maps
 
 Box = Tuple[int, int, int, int]  # (x0, y0, x1, y1), pixel corners, end exclusive
 
@@ -53,21 +54,39 @@ def pointing_game(
         the map upsampled to the mosaic. 1.0 is perfect, 0.25 is chance; an
         all-zero map scores 0.
     """
-    if mosaics.dim() != 4 or cell_targets.shape != (mosaics.shape[0], 4):
-        raise ValueError("pointing_game needs (N, C, 2H, 2W) mosaics and (N, 4) cell targets.")
+    mosaics = prepare_inputs(mosaics).images
+    cell_targets = _cell_targets(cell_targets, mosaics.shape[0])
     check_batch_size(batch_size)
     explain = as_explain_func(explain_func)
     scores = torch.zeros(mosaics.shape[0], 4)
     for rows in row_chunks(mosaics.shape[0], batch_size):
         x = mosaics[rows]
         for cell in range(4):
-            maps = explain(x, cell_targets[rows, cell].to(x.device))
+            maps = checked_maps(explain(x, cell_targets[rows, cell].to(x.device)), x.shape[0], "pointing_game")
             positive = _cell_resolution(maps, mosaics.shape[-2:]).clamp_min(0)[:, 0]
             x0, y0, x1, y1 = mosaic_cell_boxes(*positive.shape[-2:])[cell]
             inside = positive[:, y0:y1, x0:x1].flatten(1).sum(1)
             total = positive.flatten(1).sum(1)
             scores[rows, cell] = torch.where(total > 0, inside / total.clamp_min(1e-12), torch.zeros_like(total)).cpu()
     return scores
+
+
+def _cell_targets(cell_targets: Any, n: int) -> Tensor:
+    if isinstance(cell_targets, (list, tuple)) or hasattr(cell_targets, "__array__") and not isinstance(
+        cell_targets, Tensor
+    ):
+        try:
+            cell_targets = torch.as_tensor(np.asarray(cell_targets))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"cell_targets must be N rows of 4 class indices: {err}") from None
+    if not isinstance(cell_targets, Tensor) or cell_targets.is_floating_point() or cell_targets.dtype == torch.bool:
+        raise TypeError("cell_targets must hold integer class indices: an (N, 4) tensor or N lists of 4 ints.")
+    if tuple(cell_targets.shape) != (n, 4):
+        raise ValueError(
+            f"cell_targets must be (N, 4), the class of each mosaic cell for each of the {n} mosaics; "
+            f"got shape {tuple(cell_targets.shape)}."
+        )
+    return cell_targets.long()
 
 
 def _cell_resolution(maps: Any, size: Sequence[int]) -> Tensor:
@@ -124,8 +143,14 @@ def box_localization(
         ``{"pixel_accuracy", "iou", "dice"}`` as ``(N,)`` tensors, plus their
         means over ``correct`` under ``"mean"``.
     """
-    if len(gt_boxes) != maps.shape[0]:
-        raise ValueError(f"{maps.shape[0]} maps but {len(gt_boxes)} lists of ground-truth boxes.")
+    maps = checked_maps(maps, len(gt_boxes), "box_localization (maps vs. lists of ground-truth boxes)")
+    threshold = check_number(threshold, "threshold")
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold applies to maps scaled to [0, 1]; it must lie in [0, 1), got {threshold}.")
+    if correct is not None:
+        correct = torch.as_tensor(correct)
+        if correct.shape != (len(gt_boxes),):
+            raise ValueError(f"correct must be ({len(gt_boxes)},), one flag per map; got {tuple(correct.shape)}.")
     size = tuple(maps.shape[-2:]) if size is None else tuple(size)
     scaled = upsample_maps(maps, size)[:, 0].cpu().numpy()
     out = {k: torch.zeros(len(gt_boxes)) for k in ("pixel_accuracy", "iou", "dice")}
@@ -137,5 +162,11 @@ def box_localization(
         out["iou"][i] = float(inter / union) if union else 1.0
         out["dice"][i] = float(2 * inter / (pred.sum() + gt.sum())) if union else 1.0
     keep = torch.ones(len(gt_boxes), dtype=torch.bool) if correct is None else correct.bool().cpu()
+    if not keep.any():
+        warnings.warn(
+            "box_localization: no image is marked correct, so the means over correct images are undefined (NaN); "
+            "the per-image values are still returned.",
+            stacklevel=2,
+        )
     out["mean"] = {k: (v[keep].mean().item() if keep.any() else float("nan")) for k, v in list(out.items())}
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -39,6 +40,30 @@ def as_map_batch(maps: Any) -> Tensor:
     return maps.detach().float()
 
 
+def checked_maps(maps: Any, batch: int, who: str) -> Tensor:
+    """Explainer output as ``(B, 1, h, w)``, refused unless it has one finite map per image."""
+    maps = as_map_batch(maps)
+    if maps.shape[0] != batch:
+        raise ValueError(
+            f"{who}: {maps.shape[0]} maps for {batch} images; the explainer must return one (1, h, w) map per image."
+        )
+    bad = ~torch.isfinite(maps)
+    if bad.any():
+        rows = sorted(set(bad.flatten(1).any(1).nonzero()[:, 0].tolist()))
+        raise ValueError(
+            f"{who}: the maps of image(s) {rows[:10]} hold NaN or infinite values; a metric of them would be NaN. "
+            "Check the model's outputs on those images (or the explainer) first."
+        )
+    return maps
+
+
+def check_number(value: Any, name: str) -> float:
+    """A finite real number (not a bool), for baselines and thresholds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}.")
+    return float(value)
+
+
 def upsample_maps(maps: Any, size: Sequence[int], normalize: bool = True) -> Tensor:
     """``(B, 1, h, w)`` (or ``(B, h, w)``) maps -> ``(B, 1, H, W)``, bilinear, in ``[0, 1]``.
 
@@ -63,6 +88,9 @@ def expand_to_input(maps: Any, inputs: Tensor) -> Tensor:
     Captum's ``infidelity`` asserts that attributions have the input's shape;
     this is the one line that makes a patch-grid map fit.
     """
+    if not isinstance(inputs, Tensor) or inputs.dim() != 4:
+        raise ValueError("expand_to_input needs (B, C, H, W) inputs.")
+    maps = checked_maps(maps, inputs.shape[0], "expand_to_input")
     # contiguous: Captum views attributions with .view(B, -1)
     return upsample_maps(maps, inputs.shape[-2:], normalize=False).expand_as(inputs).to(inputs.dtype).contiguous()
 
