@@ -54,15 +54,20 @@ class AttentionRecorder(HookSet):
         other_attention: the attention modules of the blocks not recorded.
         detach_input: feed detached inputs to every attention module of the
             model, recorded or not (AGCAM: gradients reach ``A`` only through
-            skip connections and MLPs); ``A`` is then a leaf that requires grad.
+            skip connections and MLPs); the first ``gradient_rows`` rows of
+            ``A`` are then a leaf that requires grad (the rest is constant).
         requires_grad: make ``A`` part of a differentiable graph even when
             neither the inputs nor the parameters require grad.
         score_rows: keep only the first ``score_rows`` query rows of ``S``
-            (AGCAM reads the class-token row alone); ``None`` keeps all.
+            (AGCAM reads the class-token row alone); ``0`` keeps none,
+            ``None`` all.
+        gradient_rows: with ``detach_input``, the rows of ``A`` whose
+            gradient is wanted.
+        keep_weights: what to keep of each ``A`` (default all of it); must be
+            ``A`` itself for gradient methods, whose ``dy/dA`` is taken.
 
-    After the forward, ``scores[i]`` and ``weights[i]`` hold the ``(B, H, T, T)``
-    scores and weights of ``views[i]`` (``(B, H, score_rows, T)`` scores with
-    ``score_rows``).
+    After the forward, ``scores[i]`` and ``weights[i]`` hold what was kept of
+    ``views[i]``'s scores and weights: ``(B, H, T, T)`` unless reduced.
     """
 
     def __init__(
@@ -73,8 +78,12 @@ class AttentionRecorder(HookSet):
         detach_input: bool = False,
         requires_grad: bool = False,
         score_rows: Optional[int] = None,
+        gradient_rows: int = 1,
+        keep_weights: Callable[[Tensor], Tensor] = lambda a: a,
     ) -> None:
         super().__init__()
+        self.gradient_rows = gradient_rows
+        self.keep_weights = keep_weights
         self.adapter = adapter
         self.views = list(views)
         self.other_attention = list(other_attention)
@@ -105,16 +114,19 @@ class AttentionRecorder(HookSet):
             elif self.requires_grad and not x.requires_grad:
                 # nothing upstream needs a gradient; a leaf here keeps every A in the graph
                 x = x.detach().requires_grad_(True)
-            out, scores, weights = math.explicit(x, call, detach_weights=self.detach_input)
+            out, scores, weights = math.explicit(x, call, leaf_rows=self.gradient_rows if self.detach_input else None)
             if not module.training:
                 _check_same_output(self.adapter, view, out, math.unwrap_output(output))
-            self.scores[slot] = scores if self.score_rows is None else scores[:, :, : self.score_rows].detach()
-            self.weights[slot] = weights
+            # keep only what the method reads: a clone of a few rows frees the (B, H, T, T) scores
+            self.scores[slot] = None if self.score_rows == 0 else (
+                scores if self.score_rows is None else scores[:, :, : self.score_rows].detach().clone()
+            )
+            self.weights[slot] = self.keep_weights(weights)
             return math.wrap_output(output, out)
 
         return hook
 
-    def recorded(self) -> Tuple[List[Tensor], List[Tensor]]:
+    def recorded(self) -> Tuple[List[Optional[Tensor]], List[Tensor]]:
         if any(w is None for w in self.weights):
             raise RuntimeError(
                 "forward_func did not run every explained attention module in the calling thread; it must run "
@@ -175,8 +187,10 @@ class AttentionExplainer:
     detach_attention_input = False
     #: the map depends on the target through ``dy/dA``
     uses_gradients = False
-    #: query rows of ``S`` that :meth:`combine` reads (``None``: all)
-    score_rows: Optional[int] = None
+    #: query rows of ``S`` that :meth:`combine` reads (``None``: all, ``0``: none)
+    score_rows: Optional[int] = 0
+    #: with ``detach_attention_input``, the rows of ``A`` whose gradient :meth:`combine` reads
+    gradient_rows: int = 1
     #: name for messages
     method_name = "this method"
 
@@ -226,7 +240,17 @@ class AttentionExplainer:
                     "LayerReciproCAM (its general path runs any attention module)."
                 )
 
-    def combine(self, scores: List[Tensor], weights: List[Tensor], grads: Optional[List[Tensor]], P: int) -> Tensor:
+    def keep_weights(self, weights: Tensor) -> Tensor:
+        """What :meth:`combine` reads of one block's ``(n, H, T, T)`` weights (all, by default).
+
+        Called during the forward, so a reduction here frees the rest at
+        once. Gradient methods must keep ``A`` itself (``dy/dA`` is taken).
+        """
+        return weights
+
+    def combine(
+        self, scores: List[Optional[Tensor]], weights: List[Tensor], grads: Optional[List[Tensor]], P: int
+    ) -> Tensor:
         """``(n, h*w)`` maps from one forward's recorded attention (and ``dy/dA``)."""
         raise NotImplementedError
 
@@ -280,6 +304,8 @@ class AttentionExplainer:
             detach_input=self.detach_attention_input,
             requires_grad=self.uses_gradients,
             score_rows=self.score_rows,
+            gradient_rows=self.gradient_rows,
+            keep_weights=self.keep_weights,
         )
         if self.uses_gradients:  # tensors made under inference_mode cannot enter autograd graphs
             args = tuple(a.clone() if isinstance(a, Tensor) and a.is_inference() else a for a in args)

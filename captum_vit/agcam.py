@@ -42,11 +42,15 @@ class AttentionGuidedGradCAM(AttentionExplainer, GradientAttribution):
 
     detach_attention_input = True
     uses_gradients = True
-    score_rows = 1
+    score_rows = 1  # sigma(S) of the class-token row
+    gradient_rows = 1  # dy/dA of the class-token row: (n, H, 1, T) per block, not (n, H, T, T)
 
-    def combine(self, scores: List[Tensor], weights: List[Tensor], grads: Optional[List[Tensor]], P: int) -> Tensor:
+    def combine(
+        self, scores: List[Optional[Tensor]], weights: List[Tensor], grads: Optional[List[Tensor]], P: int
+    ) -> Tensor:
         assert grads is not None
         cam = torch.zeros_like(grads[0][:, 0, 0, P:])
         for s, g in zip(scores, grads):
+            assert s is not None
             cam = cam + (s[:, :, 0, P:].sigmoid() * g[:, :, 0, P:].relu()).sum(dim=1)
         return cam

@@ -245,8 +245,12 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
             scores: ``"softmax"`` probabilities (default) or raw ``"logits"``.
             normalize: min-max scale each map to ``[0, 1]``; ``False`` returns
                 the raw scores.
-            batch_size: masked copies per call of ``forward_func`` (memory
-                bound); ``None`` picks one from the token count.
+            batch_size: masked copies computed at once (memory bound);
+                ``None`` picks a bound from the token count. On the general
+                path it is the copies per call of ``forward_func``; on the
+                fast path the model runs once per image regardless, and
+                ``batch_size`` bounds the copies' attention rows computed
+                together inside the block.
             path: ``"auto"``, ``"fast"`` or ``"general"`` (see class doc).
             residual: ``"normalized"`` (the masked normalised input, default)
                 or ``"input"`` (the masked block input) as the block's residual.
@@ -383,10 +387,15 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         self, prepared: PreparedInputs, targets: Targets, grid: Tuple[int, int], options: "_Options", fast: bool
     ) -> Tensor:
         B, K = prepared.batch_size, grid[0] * grid[1]
-        batch_size = options.batch_size or self._default_batch_size(K, fast)
+        if fast:
+            # whole images per pass, so the model before the block runs once per image; batch_size
+            # bounds the copies computed at once inside the hook instead
+            per_call = max(K + 1, self._default_batch_size(K, fast))
+        else:
+            per_call = options.batch_size or self._default_batch_size(K, fast)
         result: Optional[Tensor] = None
         chosen_all: Optional[Tensor] = None
-        for rows, copies in plan_copies(B, K, batch_size):
+        for rows, copies in plan_copies(B, K, per_call):
             n = rows.stop - rows.start
             logits = self._forward_copies(prepared.forward_args(rows), copies, options, fast)
             logits = logits.view(n, copies.count, -1).float()
@@ -497,7 +506,12 @@ class _MaskedCopies:
             z = self.view.norm1(x)
             source = z if self.options.residual == "normalized" else x
             if self.fast:
-                parts.append(_fast_prefix_rows(self.view, z, source, masks, P, attention_call))
+                chunk = max(1, self.options.batch_size // n) if self.options.batch_size else len(masks)
+                rows = [
+                    _fast_prefix_rows(self.view, z, source, masks[part], P, attention_call)
+                    for part in row_chunks(len(masks), chunk)
+                ]
+                parts.append(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0])
             else:
                 zk = (z[:, None] * masks[None, :, :, None]).reshape(-1, T, D)
                 rk = zk if source is z else (source[:, None] * masks[None, :, :, None]).reshape(-1, T, D)

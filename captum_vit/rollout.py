@@ -21,11 +21,16 @@ class AttentionRollout(AttentionExplainer, Attribution):
     Class-agnostic: every target gets the same map.
     """
 
-    def combine(self, scores: List[Tensor], weights: List[Tensor], grads: Optional[List[Tensor]], P: int) -> Tensor:
+    def keep_weights(self, weights: Tensor) -> Tensor:
+        return weights.mean(dim=1)  # (n, T, T): the heads' mean is all the rollout reads
+
+    def combine(
+        self, scores: List[Optional[Tensor]], weights: List[Tensor], grads: Optional[List[Tensor]], P: int
+    ) -> Tensor:
         eye = torch.eye(weights[0].shape[-1], dtype=weights[0].dtype, device=weights[0].device)
         rollout = eye
         for a in weights:
-            a_bar = a.mean(dim=1) + eye
+            a_bar = a + eye
             rollout = (a_bar / a_bar.sum(dim=-1, keepdim=True)) @ rollout
         return rollout[:, 0, P:]
 
@@ -45,7 +50,9 @@ class GradientRollout(AttentionExplainer, GradientAttribution):
 
     uses_gradients = True
 
-    def combine(self, scores: List[Tensor], weights: List[Tensor], grads: Optional[List[Tensor]], P: int) -> Tensor:
+    def combine(
+        self, scores: List[Optional[Tensor]], weights: List[Tensor], grads: Optional[List[Tensor]], P: int
+    ) -> Tensor:
         assert grads is not None
         eye = torch.eye(weights[0].shape[-1], dtype=weights[0].dtype, device=weights[0].device)
         relevance = eye.expand_as(weights[0][:, 0])

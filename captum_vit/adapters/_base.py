@@ -142,18 +142,25 @@ class AttentionMath:
         B, T, _ = u.shape
         return u.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def explicit(self, x: Tensor, call: Call, detach_weights: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    def explicit(
+        self, x: Tensor, call: Call, leaf_rows: Optional[int] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """Attention with explicit matrices.
 
         Args:
             x: ``(B, T, D)`` input of the attention module.
             call: the rest of the module's call (e.g. rotary embeddings).
-            detach_weights: make ``A`` a leaf that requires grad, so that
-                ``d y / d A`` exists even when nothing upstream requires grad.
+            leaf_rows: if given, ``A`` is cut from the graph and its first
+                ``leaf_rows`` query rows become a leaf that requires grad,
+                so that ``d y / d A`` of those rows exists even when nothing
+                upstream requires grad, and only they are kept for it (AGCAM
+                reads the class-token row alone: ``T`` times less memory
+                than a gradient of the whole ``A``).
 
         Returns:
             ``(out, S, A)``: the module output ``(B, T, D)``, the pre-softmax
-            scores and the attention weights, both ``(B, H, T, T)``.
+            scores ``(B, H, T, T)`` and the attention weights ``(B, H, T, T)``,
+            or with ``leaf_rows`` their leaf rows ``(B, H, leaf_rows, T)``.
         """
         q, k, v = self.project(x, call)
         scores = (q * self.scale) @ k.transpose(-2, -1)
@@ -161,10 +168,11 @@ class AttentionMath:
         if bias is not None:
             scores = scores + bias
         weights = scores.softmax(dim=-1)
-        if detach_weights:
-            weights = weights.detach().requires_grad_(True)
+        if leaf_rows is not None:
+            leaf = weights[:, :, :leaf_rows].detach().requires_grad_(True)
+            weights = torch.cat([leaf, weights[:, :, leaf_rows:].detach()], dim=2)
         out = self.attention_dropout(weights) @ v
-        return self.finish(_merge_heads(out), x), scores, weights
+        return self.finish(_merge_heads(out), x), scores, (weights if leaf_rows is None else leaf)
 
     def prefix_rows(self, z: Tensor, masks: Tensor, num_prefix: int, call: Call) -> Tensor:
         """Attention output of the prefix rows of every masked copy, exactly.
