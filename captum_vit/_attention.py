@@ -96,17 +96,25 @@ class AttentionRecorder(HookSet):
     def __enter__(self) -> "AttentionRecorder":
         self.scores = [None] * len(self.views)
         self.weights = [None] * len(self.views)
+        self._grad_modes: List[bool] = []
         for slot, view in enumerate(self.views):
+            # the module's own (fused) forward only serves the agreement check: no graph for it
+            self.forward_pre_hook(view.attention_module, self._pause_grad)
             self.forward_hook(view.attention_module, self._hook(slot, view), with_kwargs=True)
         if self.detach_input:  # every attention input is detached, recorded or not
             for module in self.other_attention:
                 self.forward_pre_hook(module, _detach_tensors, with_kwargs=True)
         return self
 
+    def _pause_grad(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        self._grad_modes.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+
     def _hook(self, slot: int, view: BlockView) -> Callable[..., Any]:
         math: AttentionMath = view.math  # type: ignore[assignment]
 
         def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
+            torch.set_grad_enabled(self._grad_modes.pop())
             x, call = math.read_call(args, kwargs)
             math.check_call(call)
             if self.detach_input:
@@ -240,6 +248,14 @@ class AttentionExplainer:
                     "LayerReciproCAM (its general path runs any attention module)."
                 )
 
+    #: reduce each block's ``dy/dA`` during the backward pass with :meth:`reduce_gradient`
+    #: (needs an attached graph: not with ``detach_attention_input``)
+    reduces_gradients = False
+
+    def reduce_gradient(self, weights: Tensor, grad: Tensor) -> Tensor:
+        """What :meth:`combine` reads of one block's ``A`` and ``dy/dA`` (with :attr:`reduces_gradients`)."""
+        raise NotImplementedError
+
     def keep_weights(self, weights: Tensor) -> Tensor:
         """What :meth:`combine` reads of one block's ``(n, H, T, T)`` weights (all, by default).
 
@@ -322,6 +338,31 @@ class AttentionExplainer:
             maps = []
             for j in range(k):  # one forward, one backward per target column
                 score = logits.gather(1, chosen[:, j : j + 1]).sum()
-                grads = torch.autograd.grad(score, weights, retain_graph=j < k - 1)
-                maps.append(self.combine(scores, weights, list(grads), P).detach())
+                grads = self._gradients(score, weights, retain_graph=j < k - 1)
+                maps.append(self.combine(scores, weights, grads, P).detach())
         return torch.stack(maps, dim=1).view(n, k, h, w)
+
+    def _gradients(self, score: Tensor, weights: List[Tensor], retain_graph: bool) -> List[Tensor]:
+        """``dy/dA`` per block, or what :meth:`reduce_gradient` keeps of it."""
+        if not self.reduces_gradients:
+            return list(torch.autograd.grad(score, weights, retain_graph=retain_graph))
+        # Every later block's A lies on the path from the score to the first block's A (nothing is
+        # detached), so one backward to weights[0] reaches them all; each block's hook reduces its
+        # gradient as soon as it exists, and only the reduction is kept.
+        reduced: List[Optional[Tensor]] = [None] * len(weights)
+
+        def keeper(slot: int) -> Callable[[Tensor], None]:
+            def keep(grad: Tensor) -> None:
+                reduced[slot] = self.reduce_gradient(weights[slot], grad)
+
+            return keep
+
+        handles = [a.register_hook(keeper(slot)) for slot, a in enumerate(weights)]
+        try:
+            torch.autograd.grad(score, weights[0], retain_graph=retain_graph)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(r is None for r in reduced):
+            raise RuntimeError("the gradient did not reach every explained block's attention.")
+        return reduced  # type: ignore[return-value]

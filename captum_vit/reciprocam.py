@@ -506,12 +506,8 @@ class _MaskedCopies:
             z = self.view.norm1(x)
             source = z if self.options.residual == "normalized" else x
             if self.fast:
-                chunk = max(1, self.options.batch_size // n) if self.options.batch_size else len(masks)
-                rows = [
-                    _fast_prefix_rows(self.view, z, source, masks[part], P, attention_call)
-                    for part in row_chunks(len(masks), chunk)
-                ]
-                parts.append(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0])
+                chunk = max(1, self.options.batch_size // n) if self.options.batch_size else None
+                parts.append(_fast_prefix_rows(self.view, z, source, masks, P, attention_call, chunk))
             else:
                 zk = (z[:, None] * masks[None, :, :, None]).reshape(-1, T, D)
                 rk = zk if source is z else (source[:, None] * masks[None, :, :, None]).reshape(-1, T, D)
@@ -530,7 +526,9 @@ def _check_block_wiring(view: BlockView, x: Tensor, call: Call, output: Tensor) 
         )
 
 
-def _fast_prefix_rows(view: BlockView, z: Tensor, source: Tensor, masks: Tensor, P: int, call: Call) -> Tensor:
+def _fast_prefix_rows(
+    view: BlockView, z: Tensor, source: Tensor, masks: Tensor, P: int, call: Call, chunk: Optional[int] = None
+) -> Tensor:
     """Prefix rows of the block output for each masked copy, exactly.
 
     Args:
@@ -539,6 +537,7 @@ def _fast_prefix_rows(view: BlockView, z: Tensor, source: Tensor, masks: Tensor,
         source: what the residual masks: ``z`` or the block input ``x``.
         masks: ``(c, T)`` token masks of the copies.
         P: number of prefix tokens.
+        chunk: copies whose attention rows are computed together (``None``: all).
 
     Returns:
         ``(n, c, P, D)``: rows ``:P`` of ``view.forward(z * m, source * m)``;
@@ -546,7 +545,7 @@ def _fast_prefix_rows(view: BlockView, z: Tensor, source: Tensor, masks: Tensor,
         rest of the block acts on each token alone.
     """
     assert view.math is not None
-    attention = view.math.prefix_rows(z, masks, P, call)  # (n, c, P, D)
+    attention = view.math.prefix_rows(z, masks, P, call, chunk)  # (n, c, P, D)
     n, c, _, D = attention.shape
     residual = (masks[0, :P, None] * source[:, :P])[:, None].expand(n, c, P, D)
     y = view.finish(residual.reshape(n * c, P, D), attention.reshape(n * c, P, D))

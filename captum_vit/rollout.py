@@ -49,13 +49,17 @@ class GradientRollout(AttentionExplainer, GradientAttribution):
     """
 
     uses_gradients = True
+    reduces_gradients = True  # one (n, T, T) per block instead of a (n, H, T, T) gradient
+
+    def reduce_gradient(self, weights: Tensor, grad: Tensor) -> Tensor:
+        return (grad * weights).relu().mean(dim=1)
 
     def combine(
         self, scores: List[Optional[Tensor]], weights: List[Tensor], grads: Optional[List[Tensor]], P: int
     ) -> Tensor:
-        assert grads is not None
+        assert grads is not None  # the reduced mean_h(relu(dy/dA * A)) of each block
         eye = torch.eye(weights[0].shape[-1], dtype=weights[0].dtype, device=weights[0].device)
-        relevance = eye.expand_as(weights[0][:, 0])
-        for a, g in zip(weights, grads):
-            relevance = relevance + (g * a).relu().mean(dim=1) @ relevance
+        relevance = eye.expand_as(grads[0])
+        for a_bar in grads:
+            relevance = relevance + a_bar @ relevance
         return relevance[:, 0, P:]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -162,19 +162,29 @@ class AttentionMath:
             scores ``(B, H, T, T)`` and the attention weights ``(B, H, T, T)``,
             or with ``leaf_rows`` their leaf rows ``(B, H, leaf_rows, T)``.
         """
-        q, k, v = self.project(x, call)
-        scores = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self.score_bias(call)
-        if bias is not None:
-            scores = scores + bias
-        weights = scores.softmax(dim=-1)
-        if leaf_rows is not None:
-            leaf = weights[:, :, :leaf_rows].detach().requires_grad_(True)
-            weights = torch.cat([leaf, weights[:, :, leaf_rows:].detach()], dim=2)
-        out = self.attention_dropout(weights) @ v
-        return self.finish(_merge_heads(out), x), scores, (weights if leaf_rows is None else leaf)
+        # with leaf_rows nothing before A is differentiated: no graph (the projections' parameters
+        # would otherwise keep S and A of every block alive for a gradient nobody asks for)
+        with torch.no_grad() if leaf_rows is not None else contextlib.nullcontext():
+            q, k, v = self.project(x, call)
+            scores = (q * self.scale) @ k.transpose(-2, -1)
+            bias = self.score_bias(call)
+            if bias is not None:
+                scores = scores + bias
+            weights = scores.softmax(dim=-1)
+        if leaf_rows is None:
+            out = self.attention_dropout(weights) @ v
+            return self.finish(_merge_heads(out), x), scores, weights
+        # the leaf rows' product separately: d out / d leaf then costs (B, H, leaf_rows, T), not a
+        # full (B, H, T, T) gradient of which the leaf's would be a view
+        leaf = weights[:, :, :leaf_rows].detach().clone().requires_grad_(True)  # a copy: a view would keep all of A
+        with torch.no_grad():
+            rest = self.attention_dropout(weights[:, :, leaf_rows:]) @ v
+        out = torch.cat([self.attention_dropout(leaf) @ v, rest], dim=2)
+        return self.finish(_merge_heads(out), x), scores, leaf
 
-    def prefix_rows(self, z: Tensor, masks: Tensor, num_prefix: int, call: Call) -> Tensor:
+    def prefix_rows(
+        self, z: Tensor, masks: Tensor, num_prefix: int, call: Call, chunk: Optional[int] = None
+    ) -> Tensor:
         """Attention output of the prefix rows of every masked copy, exactly.
 
         Args:
@@ -183,6 +193,9 @@ class AttentionMath:
             num_prefix: ``P``, the prefix rows wanted (every mask holds the same
                 value, 0 or 1, on all of them).
             call: the rest of the module's call.
+            chunk: copies whose attention rows are computed together (memory
+                bound: ``n * chunk * H * P * T`` scores); ``None``: all. The
+                projections are computed once whatever the chunk.
 
         Returns:
             ``(n, c, P, D)``: rows ``:P`` of the module's output on each copy.
@@ -201,51 +214,60 @@ class AttentionMath:
         H, d = self.num_heads, self.head_dim
         prefix_value = masks[0, 0]  # masks agree on every prefix row: 0 or 1
         bias = self.score_bias(call)
-        mix = self._affine_prefix_mix if self.affine else self._level_prefix_mix
-        mixed = mix(z, masks, num_prefix, call, bias)  # (n, H, P * c, d)
-        merged = mixed.view(n, H, num_prefix, c, d).permute(0, 3, 2, 1, 4).reshape(n * c, num_prefix, H * d)
+        bias = None if bias is None else bias[..., :num_prefix, None, :]
+        mix = (self._affine_prefix_mix if self.affine else self._level_prefix_mix)(z, masks, num_prefix, call)
+        step = c if chunk is None else max(1, chunk)
+        mixed = torch.cat([mix(masks[start : start + step], bias) for start in range(0, c, step)], dim=3)
+        merged = mixed.permute(0, 3, 2, 1, 4).reshape(n * c, num_prefix, H * d)  # (n, H, P, c, d) -> copies
         z_prefix = (prefix_value * z[:, :num_prefix]).repeat_interleave(c, dim=0)
         return self.finish(merged, z_prefix).view(n, c, num_prefix, -1)
 
-    def _affine_prefix_mix(self, z: Tensor, masks: Tensor, P: int, call: Call, bias: Optional[Tensor]) -> Tensor:
+    def _affine_prefix_mix(self, z: Tensor, masks: Tensor, P: int, call: Call) -> Callable[..., Tensor]:
         """Affine projections: ``k(m z_t) = k0_t + m (k1_t - k0_t)``, likewise ``v``.
 
         Scores are ``q.k0_t + m_t q.(k1_t - k0_t)`` and the mix is
-        ``A v0 + (A * m)(v1 - v0)``: two products serve every copy.
+        ``A v0 + (A * m)(v1 - v0)``: two products serve every copy. Returns
+        the mix of a chunk of masks, ``(n, H, P, c, d)``.
         """
-        n, T, _ = z.shape
-        c = masks.shape[0]
         q1, k1, v1 = self.project(z, call)
         q0, k0, v0 = self.project(torch.zeros_like(z[:1]), call)  # (1, H, T, d): biases, rotations
         q = (q1 if bool(masks[0, 0] == 1) else q0.expand_as(q1))[:, :, :P] * self.scale  # (n, H, P, d)
-        base = q @ k0.transpose(-2, -1)  # (n, H, P, T)
-        slope = q @ (k1 - k0).transpose(-2, -1)
-        scores = base[:, :, :, None, :] + slope[:, :, :, None, :] * masks  # (n, H, P, c, T)
-        if bias is not None:
-            scores = scores + bias[..., :P, None, :]
-        weights = self.attention_dropout(scores.softmax(dim=-1))
-        H = q.shape[1]
-        return weights.reshape(n, H, P * c, T) @ v0 + (weights * masks).reshape(n, H, P * c, T) @ (v1 - v0)
+        base = (q @ k0.transpose(-2, -1))[:, :, :, None, :]  # (n, H, P, 1, T)
+        slope = (q @ (k1 - k0).transpose(-2, -1))[:, :, :, None, :]
+        dv = v1 - v0
 
-    def _level_prefix_mix(self, z: Tensor, masks: Tensor, P: int, call: Call, bias: Optional[Tensor]) -> Tensor:
+        def mix(part: Tensor, bias: Optional[Tensor]) -> Tensor:
+            scores = base + slope * part  # (n, H, P, c, T)
+            if bias is not None:
+                scores = scores + bias
+            weights = self.attention_dropout(scores.softmax(dim=-1))
+            return weights @ v0[:, :, None] + (weights * part) @ dv[:, :, None]
+
+        return mix
+
+    def _level_prefix_mix(self, z: Tensor, masks: Tensor, P: int, call: Call) -> Callable[..., Tensor]:
         """Any per-token projection (q/k norms): project once per distinct mask value, gather per copy."""
-        n, T, _ = z.shape
-        c = masks.shape[0]
-        levels, level_of = torch.unique(masks, return_inverse=True)  # (V,), (c, T)
+        T = z.shape[1]
+        levels = torch.unique(masks)  # (V,)
         qkv = [self.project(level * z, call) for level in levels]
-        q = qkv[int(level_of[0, 0])][0][:, :, :P] * self.scale  # (n, H, P, d)
-        level_scores = torch.stack([q @ k.transpose(-2, -1) for _, k, _ in qkv])  # (V, n, H, P, T)
-        token = torch.arange(T, device=z.device).expand(c, T)
-        scores = level_scores.permute(0, 4, 1, 2, 3)[level_of, token].permute(2, 3, 4, 0, 1)  # (n, H, P, c, T)
-        if bias is not None:
-            scores = scores + bias[..., :P, None, :]
-        weights = self.attention_dropout(scores.softmax(dim=-1))
-        H, d = q.shape[1], q.shape[-1]
-        mixed = z.new_zeros(n, H, P * c, d)
-        for value, (_, _, v) in enumerate(qkv):  # sum_t A_jt v_t(value of copy j at t)
-            chosen = (level_of == value).to(weights.dtype)  # (c, T)
-            mixed = mixed + (weights * chosen).reshape(n, H, P * c, T) @ v
-        return mixed
+        first = int((levels == masks[0, 0]).nonzero()[0, 0])
+        q = qkv[first][0][:, :, :P] * self.scale  # (n, H, P, d)
+        level_scores = torch.stack([q @ k.transpose(-2, -1) for _, k, _ in qkv]).permute(0, 4, 1, 2, 3)  # (V, T, ...)
+
+        def mix(part: Tensor, bias: Optional[Tensor]) -> Tensor:
+            level_of = torch.searchsorted(levels, part)  # (c, T): exact, the values are levels
+            token = torch.arange(T, device=z.device).expand_as(level_of)
+            scores = level_scores[level_of, token].permute(2, 3, 4, 0, 1)  # (n, H, P, c, T)
+            if bias is not None:
+                scores = scores + bias
+            weights = self.attention_dropout(scores.softmax(dim=-1))
+            mixed = 0
+            for value, (_, _, v) in enumerate(qkv):  # sum_t A_jt v_t(value of copy j at t)
+                chosen = (level_of == value).to(weights.dtype)  # (c, T)
+                mixed = mixed + (weights * chosen) @ v[:, :, None]
+            return mixed
+
+        return mix
 
 
 class BlockView:
