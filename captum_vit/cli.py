@@ -248,9 +248,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_METHODS, run_demo
 
-    run_demo(_output_dir(args.out), _device(args.device))
+    run_demo(_output_dir(args.out), _device(args.device), args.method or DEMO_METHODS)
     return 0
 
 
@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="explain the bundled images with the embedded model")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--device", default="auto", choices=devices)
+    demo.add_argument("--method", action="append", choices=CLI_METHODS, metavar="METHOD",
+                      help="repeat for several (default: reciprocam, agcam, ig)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -34,17 +34,19 @@ def _extra_photo():
     return Image.fromarray(data.chelsea())
 
 
-def run_demo(out: Path, device: torch.device = torch.device("cpu")) -> List[Path]:
+def run_demo(
+    out: Path, device: torch.device = torch.device("cpu"), methods: Sequence[str] = DEMO_METHODS
+) -> List[Path]:
     from .visualization import class_grid_figure, explanation_figure
 
     out.mkdir(parents=True, exist_ok=True)
     loaded = default_model()
     model = loaded.forward.to(device)
     names = loaded.class_names
-    fns = {m: explainer(m, model, vit=loaded.vit, normalize=False) for m in DEMO_METHODS}
-    agnostic = [TITLES[m] for m in DEMO_METHODS if not REGISTRY[m].class_specific]
+    fns = {m: explainer(m, model, vit=loaded.vit, normalize=False) for m in methods}
+    agnostic = [TITLES[m] for m in methods if not REGISTRY[m].class_specific]
     print(f"model: embedded DeiT-Tiny trained on CIFAR-10 (test accuracy {loaded.info.get('test_acc')}); "
-          f"methods: {', '.join(TITLES[m] for m in DEMO_METHODS)}")
+          f"methods: {', '.join(TITLES[m] for m in methods)}")
 
     pictures, labels = sample_images()
     items = [(f"cifar_{i}_{names[y]}", img, names[y]) for i, (img, y) in enumerate(zip(pictures, labels))]
@@ -53,7 +55,7 @@ def run_demo(out: Path, device: torch.device = torch.device("cpu")) -> List[Path
         items.append(("chelsea", photo, "cat (scikit-image photo, shown to the model at 32x32)"))
 
     written: List[Path] = []
-    totals: Dict[str, List[float]] = {TITLES[m]: [] for m in DEMO_METHODS}
+    totals: Dict[str, List[float]] = {TITLES[m]: [] for m in methods}
     for stem, image, truth in items:
         x = loaded.preprocess(image).to(device)
         with torch.no_grad():
