@@ -123,7 +123,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results[case] = json.loads(out)["peak_growth_mib"]
     forward = results.get("forward")
-    print(f"| case | peak growth (MiB) | x plain forward |\n|---|---:|---:|")
+    print("| case | peak growth (MiB) | x plain forward |\n|---|---:|---:|")
     for case, mib in results.items():
         ratio = f"{mib / forward:.1f}" if forward else "-"
         print(f"| {CASES[case]} | {mib:.0f} | {ratio} |")

@@ -4,10 +4,11 @@
     python benchmarks/speed.py --model deit_base_patch16_224 --batch 64 --device cuda --dtype bfloat16
 
 Methods, in order: plain forward (timed again at the end; the baseline is the
-mean of both); LayerReciproCAM fast path and general path;
-AttentionGuidedGradCAM; Attention Rollout; gradient rollout; Captum
-IntegratedGradients (n_steps=50, internal_batch_size=batch) and LayerGradCam
-on the last block's norm1 tokens reshaped to the grid; and, when
+mean of both); every method of the registry (``captum_vit.methods``, as the
+CLI runs them: ViT-ReciproCAM and its variants on the fast path, AGCAM, the
+rollouts, Relevance, Captum IntegratedGradients with n_steps=50 and
+internal_batch_size=batch, LayerGradCam on the last block's norm1 tokens
+reshaped to the grid); LayerReciproCAM's general path; and, when
 ``pytorch-grad-cam`` is installed, its ScoreCAM and AblationCAM with a ViT
 reshape transform. Weights are random (timing does not depend on them).
 Prints a Markdown table (images/s, ms/image, multiple of the forward) and
@@ -34,38 +35,28 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's per-batch progr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from captum_vit import AttentionGuidedGradCAM, AttentionRollout, GradientRollout, LayerReciproCAM  # noqa: E402
+from captum_vit import LayerReciproCAM  # noqa: E402
 from captum_vit.adapters import find_adapter  # noqa: E402
-from captum_vit.baselines import integrated_gradients_map, vit_layer_gradcam  # noqa: E402
-from captum.attr import IntegratedGradients  # noqa: E402
+from captum_vit.methods import METHODS, explainer  # noqa: E402
 
-ALL = [
-    "forward", "reciprocam-fast", "reciprocam-general", "agcam", "rollout", "grad-rollout",
-    "ig", "layergradcam", "pgc-scorecam", "pgc-ablationcam",
-]
+#: every registry method except the random control, the general path as its own row, pytorch-grad-cam
+ALL = ["forward", *(m for m in METHODS if m != "random"), "reciprocam-general", "pgc-scorecam", "pgc-ablationcam"]
 
 
 def build_methods(model: torch.nn.Module, batch: int, copies: int) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
-    last = model.blocks[-1]
-    cam = LayerReciproCAM(model, last)
-    agcam, rollout, grad_rollout = AttentionGuidedGradCAM(model), AttentionRollout(model), GradientRollout(model)
-    ig = IntegratedGradients(model)
-    gradcam = vit_layer_gradcam(model)
+    """The registry's methods (``captum_vit.methods``), as the CLI and the demo run them, plus
+    ReciproCAM's general path forced (``copies`` masked copies per call) and pytorch-grad-cam."""
 
     def forward(x, t):
         with torch.no_grad():
             return model(x)
 
-    methods = {
-        "forward": forward,
-        "reciprocam-fast": lambda x, t: cam.attribute(x, target=t, path="fast"),
-        "reciprocam-general": lambda x, t: cam.attribute(x, target=t, path="general", batch_size=copies),
-        "agcam": lambda x, t: agcam.attribute(x, target=t),
-        "rollout": lambda x, t: rollout.attribute(x, target=t),
-        "grad-rollout": lambda x, t: grad_rollout.attribute(x, target=t),
-        "ig": lambda x, t: integrated_gradients_map(ig, x, t, n_steps=50, internal_batch_size=batch),
-        "layergradcam": lambda x, t: gradcam.attribute(x, target=t, relu_attributions=True),
-    }
+    methods: Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {"forward": forward}
+    for name in METHODS:
+        if name != "random":  # IG's internal batch is the batch; the others pick their own chunks
+            methods[name] = explainer(name, model, batch_size=batch if name == "ig" else None)
+    cam = LayerReciproCAM(model, model.blocks[-1])
+    methods["reciprocam-general"] = lambda x, t: cam.attribute(x, target=t, path="general", batch_size=copies)
     methods.update(pytorch_grad_cam_methods(model, batch))
     return methods
 

@@ -4,7 +4,8 @@ Methods (Captum ``Attribution`` subclasses with ``attribute(inputs, target=...)`
 
 - :class:`LayerReciproCAM`: ViT-ReciproCAM, gradient-free token masking.
 - :class:`AttentionGuidedGradCAM`: AGCAM, sigmoid-guided attention gradients.
-- :class:`AttentionRollout` and :class:`GradientRollout`: attention baselines.
+- :class:`AttentionRollout`, :class:`GradientRollout` and
+  :class:`TransformerAttribution` (Chefer et al.'s LRP relevance): the baselines.
 
 Models: timm ViT/DeiT/NaFlexViT/EVA/BEiT, torchvision, transformers and
 open_clip ViTs, each through one adapter in :mod:`captum_vit.adapters`.
@@ -15,6 +16,7 @@ import matplotlib.
 from .adapters import UnsupportedModelError
 from .agcam import AttentionGuidedGradCAM
 from .reciprocam import LayerReciproCAM, reciprocal_masks
+from .relevance import TransformerAttribution
 from .rollout import AttentionRollout, GradientRollout
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "GradientRollout",
     "LayerReciproCAM",
     "reciprocal_masks",
+    "TransformerAttribution",
     "UnsupportedModelError",
 ]
 __version__ = "0.2.0"

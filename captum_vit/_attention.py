@@ -80,10 +80,15 @@ class AttentionRecorder(HookSet):
         score_rows: Optional[int] = None,
         gradient_rows: int = 1,
         keep_weights: Callable[[Tensor], Tensor] = lambda a: a,
+        record_blocks: bool = False,
     ) -> None:
         super().__init__()
         self.gradient_rows = gradient_rows
         self.keep_weights = keep_weights
+        self.record_blocks = record_blocks
+        #: with ``record_blocks``: each view's block input, and the last view's block output (detached)
+        self.block_inputs: List[Optional[Tensor]] = []
+        self.last_output: Optional[Tensor] = None
         self.adapter = adapter
         self.views = list(views)
         self.other_attention = list(other_attention)
@@ -101,10 +106,27 @@ class AttentionRecorder(HookSet):
             # the module's own (fused) forward only serves the agreement check: no graph for it
             self.forward_pre_hook(view.attention_module, self._pause_grad)
             self.forward_hook(view.attention_module, self._hook(slot, view), with_kwargs=True)
+        if self.record_blocks:
+            self.block_inputs = [None] * len(self.views)
+            for slot, view in enumerate(self.views):
+                self.forward_pre_hook(view.block, self._block_input(slot, view), with_kwargs=True)
+            self.forward_hook(self.views[-1].block, self._block_output(self.views[-1]))
         if self.detach_input:  # every attention input is detached, recorded or not
             for module in self.other_attention:
                 self.forward_pre_hook(module, _detach_tensors, with_kwargs=True)
         return self
+
+    def _block_input(self, slot: int, view: BlockView) -> Callable[..., None]:
+        def record(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+            self.block_inputs[slot] = view.read_call(args, kwargs)[0].detach()
+
+        return record
+
+    def _block_output(self, view: BlockView) -> Callable[..., None]:
+        def record(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+            self.last_output = view.unwrap_output(output).detach()
+
+        return record
 
     def _pause_grad(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         self._grad_modes.append(torch.is_grad_enabled())
@@ -248,12 +270,17 @@ class AttentionExplainer:
                     "LayerReciproCAM (its general path runs any attention module)."
                 )
 
+    #: record each explained block's input and the last one's output (for :meth:`prepare_backward`)
+    records_blocks = False
     #: reduce each block's ``dy/dA`` during the backward pass with :meth:`reduce_gradient`
     #: (needs an attached graph: not with ``detach_attention_input``)
     reduces_gradients = False
 
-    def reduce_gradient(self, weights: Tensor, grad: Tensor) -> Tensor:
-        """What :meth:`combine` reads of one block's ``A`` and ``dy/dA`` (with :attr:`reduces_gradients`)."""
+    def prepare_backward(self, target: Tensor, recorder: AttentionRecorder, P: int) -> None:
+        """Called before the backward pass of each ``(n,)`` target column (default: nothing)."""
+
+    def reduce_gradient(self, slot: int, weights: Tensor, grad: Tensor) -> Tensor:
+        """What :meth:`combine` reads of block ``slot``'s ``A`` and ``dy/dA`` (with :attr:`reduces_gradients`)."""
         raise NotImplementedError
 
     def keep_weights(self, weights: Tensor) -> Tensor:
@@ -322,6 +349,7 @@ class AttentionExplainer:
             score_rows=self.score_rows,
             gradient_rows=self.gradient_rows,
             keep_weights=self.keep_weights,
+            record_blocks=self.records_blocks,
         )
         if self.uses_gradients:  # tensors made under inference_mode cannot enter autograd graphs
             args = tuple(a.clone() if isinstance(a, Tensor) and a.is_inference() else a for a in args)
@@ -338,6 +366,7 @@ class AttentionExplainer:
             maps = []
             for j in range(k):  # one forward, one backward per target column
                 score = logits.gather(1, chosen[:, j : j + 1]).sum()
+                self.prepare_backward(chosen[:, j], recorder, P)
                 grads = self._gradients(score, weights, retain_graph=j < k - 1)
                 maps.append(self.combine(scores, weights, grads, P).detach())
         return torch.stack(maps, dim=1).view(n, k, h, w)
@@ -353,7 +382,7 @@ class AttentionExplainer:
 
         def keeper(slot: int) -> Callable[[Tensor], None]:
             def keep(grad: Tensor) -> None:
-                reduced[slot] = self.reduce_gradient(weights[slot], grad)
+                reduced[slot] = self.reduce_gradient(slot, weights[slot], grad)
 
             return keep
 

@@ -13,6 +13,7 @@ reciprocam-dirac   LayerReciproCAM, one cell per copy               (B, 1, h, w)
 agcam              AttentionGuidedGradCAM, every block              (B, 1, h, w)
 rollout            AttentionRollout (class-agnostic)                (B, 1, h, w)
 grad-rollout       GradientRollout                                  (B, 1, h, w)
+relevance          TransformerAttribution (Chefer et al. LRP)       (B, 1, h, w)
 ig                 Captum IntegratedGradients, |sum over C|         (B, 1, H, W)
 layergradcam       Captum LayerGradCam, last block's norm1          (B, 1, h, w)
 random             uniform noise: a control                         (B, 1, h, w)
@@ -32,6 +33,7 @@ from .adapters import find_adapter
 from .agcam import AttentionGuidedGradCAM
 from .baselines import integrated_gradients_map, vit_layer_gradcam
 from .reciprocam import LayerReciproCAM
+from .relevance import TransformerAttribution
 from .rollout import AttentionRollout, GradientRollout
 
 ExplainFn = Callable[[Tensor, Any], Tensor]
@@ -65,6 +67,7 @@ _SPECS = (
     MethodSpec("agcam", "AGCAM"),
     MethodSpec("rollout", "Attention Rollout", class_specific=False),
     MethodSpec("grad-rollout", "Gradient Rollout"),
+    MethodSpec("relevance", "Relevance (Chefer LRP)"),
     MethodSpec("ig", "Integrated Gradients", input_resolution=True),
     MethodSpec("layergradcam", "LayerGradCam"),
     MethodSpec("random", "random control", class_specific=False),
@@ -137,8 +140,13 @@ def explainer(
         adapter = find_adapter(forward_func, None, vit)
         cam = LayerReciproCAM(forward_func, adapter.blocks[-1], vit=adapter.model)
         fn: ExplainFn = lambda x, t: cam.attribute(x, target=t, batch_size=batch_size, **options)  # noqa: E731
-    elif name in ("agcam", "rollout", "grad-rollout"):
-        cls = {"agcam": AttentionGuidedGradCAM, "rollout": AttentionRollout, "grad-rollout": GradientRollout}[name]
+    elif name in ("agcam", "rollout", "grad-rollout", "relevance"):
+        cls = {
+            "agcam": AttentionGuidedGradCAM,
+            "rollout": AttentionRollout,
+            "grad-rollout": GradientRollout,
+            "relevance": TransformerAttribution,
+        }[name]
         method = cls(forward_func, vit=vit)
         fn = lambda x, t: method.attribute(x, target=t, batch_size=batch_size, **options)  # noqa: E731
     elif name == "ig":

@@ -51,7 +51,7 @@ class GradientRollout(AttentionExplainer, GradientAttribution):
     uses_gradients = True
     reduces_gradients = True  # one (n, T, T) per block instead of a (n, H, T, T) gradient
 
-    def reduce_gradient(self, weights: Tensor, grad: Tensor) -> Tensor:
+    def reduce_gradient(self, slot: int, weights: Tensor, grad: Tensor) -> Tensor:
         return (grad * weights).relu().mean(dim=1)
 
     def combine(

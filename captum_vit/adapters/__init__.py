@@ -23,6 +23,8 @@ from ._base import (
     AttentionMath,
     BlockView,
     Call,
+    LRPBlock,
+    LRPHead,
     UnsupportedModelError,
     ViTAdapter,
 )
@@ -34,7 +36,7 @@ from .timm_vit import TimmNaFlexViTAdapter, TimmViTAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
 __all__ = [
-    "ADAPTERS", "AttentionMath", "BlockView", "Call", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
+    "ADAPTERS", "AttentionMath", "BlockView", "Call", "LRPBlock", "LRPHead", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
     "HEAD_PREFIX_ONLY", "HEAD_UNKNOWN", "UnsupportedModelError", "ViTAdapter", "check_runtime",
     "eager_forward_func", "find_adapter", "supported_families",
 ]

@@ -270,6 +270,37 @@ class AttentionMath:
         return mix
 
 
+@dataclass
+class LRPBlock:
+    """The parts of one pre-norm block that Chefer et al.'s LRP rules act on.
+
+    ``y = x' + fc2(act(fc1(norm2(x'))))`` with ``x' = x + proj(A v)``,
+    ``q, k, v = qkv(norm1(x))`` split into ``num_heads`` heads (timm's fused
+    ``(3, heads, head_dim)`` layout) and ``A = softmax(q k^T * scale)``. Only
+    blocks with nothing else on these paths (no layer scale, q/k norm, gate or
+    extra norm) have this form; norms and the activation pass relevance through.
+    """
+
+    norm1: Callable[[Tensor], Tensor]
+    qkv: nn.Linear
+    num_heads: int
+    scale: float
+    proj: nn.Linear
+    norm2: Callable[[Tensor], Tensor]
+    fc1: nn.Linear
+    act: Callable[[Tensor], Tensor]
+    fc2: nn.Linear
+
+
+@dataclass
+class LRPHead:
+    """The classifier after the last block: ``head(norm(x)[:, token])``."""
+
+    norm: Callable[[Tensor], Tensor]
+    head: nn.Linear
+    token: int = 0
+
+
 class BlockView:
     """One pre-norm block: ``y = r + ls1(attn(norm1(x))); y + ls2(mlp(norm2(y)))``.
 
@@ -319,6 +350,10 @@ class BlockView:
         y = residual + self.layer_scale1(attention_out)
         return y + self.mlp_branch(y)
 
+    def lrp_block(self) -> Optional[LRPBlock]:
+        """The block as :class:`LRPBlock` for relevance propagation, or ``None`` if it has other parts."""
+        return None
+
     def forward(self, z: Tensor, residual: Tensor, call: Call) -> Tensor:
         """The block on attention input ``z`` with ``residual`` (``r = x`` normally)."""
         return self.finish(residual, self.attention(z, self.attention_call(call)))
@@ -342,6 +377,10 @@ class ViTAdapter:
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         raise NotImplementedError
+
+    def lrp_head(self) -> Optional[LRPHead]:
+        """The head as :class:`LRPHead` (a linear layer on one token), or ``None``."""
+        return None
 
     # -- layout --------------------------------------------------------------
     @property

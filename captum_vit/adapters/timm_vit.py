@@ -20,6 +20,8 @@ from ._base import (
     AttentionMath,
     BlockView,
     Call,
+    LRPBlock,
+    LRPHead,
     UnsupportedModelError,
     ViTAdapter,
 )
@@ -94,6 +96,26 @@ class TimmBlockView(BlockView):
         if hasattr(b, "ls2"):
             return b.drop_path2(b.ls2(m))
         return b.drop_path2(m if b.gamma_2 is None else b.gamma_2 * m)
+
+
+    def lrp_block(self) -> Optional[LRPBlock]:
+        from timm.layers import Mlp
+
+        b, m = self.block, self.block.attn
+        plain = (
+            isinstance(self.math, TimmAttentionMath)
+            and self.math.affine
+            and isinstance(m.norm, nn.Identity)
+            and m.gate is None
+            and all(isinstance(getattr(b, name, nn.Identity()), nn.Identity) for name in ("ls1", "ls2"))
+            and type(b.mlp) is Mlp
+            and isinstance(b.mlp.norm, nn.Identity)
+            and isinstance(b.mlp.fc1, nn.Linear)
+            and isinstance(b.mlp.fc2, nn.Linear)
+        )
+        if not plain:
+            return None
+        return LRPBlock(b.norm1, m.qkv, m.num_heads, float(m.scale), m.proj, b.norm2, b.mlp.fc1, b.mlp.act, b.mlp.fc2)
 
 
 def _is_eva_block(block: nn.Module) -> bool:
@@ -191,6 +213,16 @@ class TimmViTAdapter(TimmAdapter):
         if type(m).forward_head not in own_heads:
             return HEAD_CLASS_AND_PATCHES  # a custom head: assume it may read anything
         return timm_head_reads(m, self.num_prefix_tokens)
+
+    def lrp_head(self) -> Optional[LRPHead]:
+        from timm.models.vision_transformer import VisionTransformer
+
+        m = self.model
+        if type(m) is not VisionTransformer or m.global_pool != "token" or getattr(m, "attn_pool", None) is not None:
+            return None  # distilled DeiT averages two heads; pooled heads read patch tokens
+        if not isinstance(m.fc_norm, nn.Identity) or not isinstance(m.head, nn.Linear):
+            return None
+        return LRPHead(m.norm, m.head, 0)
 
     def unsupported_state(self) -> Optional[str]:
         m = self.model

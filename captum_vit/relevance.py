@@ -1,0 +1,226 @@
+"""Chefer, Gur & Wolf's Transformer Attribution ("Relevance"): LRP relevance of attention x its gradient.
+
+The rules follow the authors' code (``ViT_LRP.py`` / ``layers_ours.py`` of
+hila-chefer/Transformer-Explainability), written as closed forms of their
+``gradprop`` so that a batch is one pass; every sum their code takes over the
+whole tensor is taken per example here, so a batch gives the maps of the
+examples run one by one.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from captum.attr import GradientAttribution
+from torch import Tensor
+
+from ._attention import AttentionExplainer, AttentionRecorder
+from ._utils import agreement_tolerance, relative_error
+from .adapters import LRPBlock, LRPHead, UnsupportedModelError
+
+
+def safe_divide(a: Tensor, b: Tensor) -> Tensor:
+    """The authors' ``safe_divide``: ``a / (b + 1e-9)`` where ``b != 0``, else 0."""
+    den = b.clamp(min=1e-9) + b.clamp(max=1e-9)
+    den = den + den.eq(0).to(den.dtype) * 1e-9
+    return a / den * b.ne(0).to(b.dtype)
+
+
+def _per_example_sum(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).sum(1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def linear_relevance(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
+    r"""LRP-:math:`\alpha\beta` with :math:`\alpha=1, \beta=0` through ``x @ weight.T`` (bias ignored).
+
+    With :math:`x^\pm, w^\pm` the positive and negative parts,
+    :math:`Z = x^+ w^{+\top} + x^- w^{-\top}` (the positive contributions) and
+    :math:`S = R / Z`: :math:`R_x = x^+ (S w^+) + x^- (S w^-)`. Conserves
+    :math:`\sum R` wherever :math:`Z \neq 0`.
+    """
+    px, nx = x.clamp(min=0), x.clamp(max=0)
+    pw, nw = weight.clamp(min=0), weight.clamp(max=0)
+    s = safe_divide(relevance, px @ pw.T + nx @ nw.T)
+    return px * (s @ pw) + nx * (s @ nw)
+
+
+def product_relevance(a: Tensor, b: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""Gradient x input through ``a @ b`` (the authors' ``einsum`` rule), each half of it.
+
+    :math:`S = R / (a b)`: :math:`R_a = a \odot (S b^\top) / 2`,
+    :math:`R_b = b \odot (a^\top S) / 2`; together they conserve :math:`\sum R`.
+    """
+    s = safe_divide(relevance, a @ b)
+    return a * (s @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ s) / 2
+
+
+def add_relevance(a: Tensor, b: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""The authors' residual rule for ``a + b``, per example.
+
+    :math:`R_a = a \odot R / (a + b)` and likewise :math:`R_b`, then each is
+    rescaled so the two totals split :math:`\sum R` in proportion to
+    :math:`|\sum R_a|` and :math:`|\sum R_b|`: conservation is exact.
+    """
+    s = safe_divide(relevance, a + b)
+    ra, rb = a * s, b * s
+    sa, sb, total = _per_example_sum(ra), _per_example_sum(rb), _per_example_sum(relevance)
+    share_a = safe_divide(sa.abs(), sa.abs() + sb.abs()) * total
+    share_b = safe_divide(sb.abs(), sa.abs() + sb.abs()) * total
+    return ra * safe_divide(share_a, sa), rb * safe_divide(share_b, sb)
+
+
+def clone_relevance(x: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
+    """Relevance of a tensor used twice: the sum of both uses' (zero where ``x`` is zero)."""
+    return x * (safe_divide(r1, x) + safe_divide(r2, x))
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    n, T, D = t.shape
+    return t.view(n, T, heads, D // heads).transpose(1, 2)
+
+
+def _merge_heads(t: Tensor) -> Tensor:
+    n, H, T, d = t.shape
+    return t.transpose(1, 2).reshape(n, T, H * d)
+
+
+def block_relevance(block: LRPBlock, x: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Relevance through one block, from its output back to its input.
+
+    Args:
+        block: the block's parts.
+        x: ``(n, T, D)`` the block's input.
+        relevance: ``(n, T, D)`` relevance of the block's output.
+
+    Returns:
+        ``(R_x, R_A, y)``: ``(n, T, D)`` relevance of the input, ``(n, H, T, T)``
+        relevance of the attention weights (after the product rule's halving,
+        as the authors save it), and the recomputed block output (to check the
+        parts against the real block).
+    """
+    H = block.num_heads
+    z1 = block.norm1(x)
+    q, k, v = (_split_heads(u, H) for u in block.qkv(z1).chunk(3, dim=-1))
+    weights = ((q * block.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    merged = _merge_heads(weights @ v)
+    attention_out = block.proj(merged)
+    x_mid = x + attention_out
+    z2 = block.norm2(x_mid)
+    hidden = block.act(block.fc1(z2))
+    mlp_out = block.fc2(hidden)
+    y = x_mid + mlp_out
+
+    r_mid, r_mlp = add_relevance(x_mid, mlp_out, relevance)
+    r_z2 = linear_relevance(z2, block.fc1.weight, linear_relevance(hidden, block.fc2.weight, r_mlp))  # act, norm2: through
+    r_mid = clone_relevance(x_mid, r_mid, r_z2)
+    r_x, r_attention = add_relevance(x, attention_out, r_mid)
+    r_merged = _split_heads(linear_relevance(merged, block.proj.weight, r_attention), H)
+    r_weights, r_v = product_relevance(weights, v, r_merged)
+    r_q, r_k_t = product_relevance(q, k.transpose(-2, -1), r_weights)  # softmax: through; the scale cancels
+    r_qkv = torch.cat([_merge_heads(r) for r in (r_q, r_k_t.transpose(-2, -1), r_v)], dim=-1)
+    r_z1 = linear_relevance(z1, block.qkv.weight, r_qkv)  # norm1: through
+    return clone_relevance(x, r_x, r_z1), r_weights, y
+
+
+def head_relevance(head: LRPHead, tokens: Tensor, target: Tensor) -> Tensor:
+    """Relevance of the last block's ``(n, T, D)`` output for the one-hot ``(n,)`` targets."""
+    normed = head.norm(tokens)
+    pooled = normed[:, head.token]
+    one_hot = torch.zeros(tokens.shape[0], head.head.out_features, dtype=tokens.dtype, device=tokens.device)
+    one_hot[torch.arange(tokens.shape[0]), target] = 1.0
+    r_pooled = linear_relevance(pooled, head.head.weight, one_hot)
+    relevance = torch.zeros_like(tokens)
+    relevance[:, head.token] = pooled * safe_divide(r_pooled, pooled)  # index selection; the norm: through
+    return relevance
+
+
+class TransformerAttribution(AttentionExplainer, GradientAttribution):
+    r"""Transformer Attribution (Chefer, Gur & Wolf, "Transformer Interpretability
+    Beyond Attention Visualization", CVPR 2021): the "Relevance" baseline of
+    both ViT-ReciproCAM and AGCAM.
+
+    For the target class :math:`c`, LRP relevance starts from the one-hot
+    :math:`c` at the head and is propagated down through every block; for
+    each block :math:`b`, :math:`R(A_b)` is the relevance that reaches its
+    attention weights, and with :math:`\nabla A_b = \partial y_c / \partial A_b`:
+
+    .. math::
+        \bar A_b = \mathrm{mean}_h\big(\max(0,\ \nabla A_b \odot R(A_b))\big),\qquad
+        C = (\bar A_L + I) \cdots (\bar A_1 + I)
+
+    read at the class-token row and the patch columns. The LRP rules are the
+    authors': linear layers :math:`\alpha=1, \beta=0` (:func:`linear_relevance`),
+    both attention products gradient x input with the relevance split between
+    the operands (:func:`product_relevance`), residual additions rescaled to
+    conserve relevance (:func:`add_relevance`), a tensor used twice summing
+    its uses' relevance (:func:`clone_relevance`), LayerNorm, GELU, softmax and
+    dropout passing relevance through, and class-token pooling as an index
+    selection (:func:`head_relevance`). The authors' patch-embedding rule
+    (:math:`z^\mathcal{B}`) acts below the first block and never reaches this
+    map, so it is not run.
+
+    Their code takes one image at a time; here a batch is one forward pass,
+    one relevance pass and one backward pass per target column, with every
+    rule's sums taken per example (so the maps equal single-image runs).
+    Relevance needs the block's parts (:class:`~captum_vit.adapters.LRPBlock`):
+    timm ``VisionTransformer``/DeiT with token pooling and plain blocks;
+    other families and blocks with layer scale or q/k norms are refused.
+
+    ``TransformerAttribution(forward_func, vit=None)``: every block is used
+    (relevance passes through all of them).
+    """
+
+    uses_gradients = True
+    reduces_gradients = True
+    records_blocks = True
+
+    def __init__(self, forward_func, vit=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(forward_func, layers=None, vit=vit)
+        head = self.adapter.lrp_head()
+        blocks = [view.lrp_block() for view in self.views]
+        if head is None or any(b is None for b in blocks):
+            what = "its head" if head is None else f"block {[b is None for b in blocks].index(True)}"
+            raise UnsupportedModelError(
+                f"TransformerAttribution needs LRP rules for every part of the model, and {what} of this "
+                f"{type(self.adapter.model).__name__} has parts the authors' rules do not cover (supported: timm "
+                "VisionTransformer/DeiT with a class-token head and plain blocks: no layer scale, q/k norm or "
+                "distillation head). Use GradientRollout, its gradient-only relative, or AGCAM."
+            )
+        self.lrp_head: LRPHead = head
+        self.lrp_blocks: List[LRPBlock] = blocks  # type: ignore[assignment]
+        self._attention_relevance: List[Tensor] = []
+
+    def prepare_backward(self, target: Tensor, recorder: AttentionRecorder, P: int) -> None:
+        inputs = recorder.block_inputs
+        if recorder.last_output is None or any(x is None for x in inputs):
+            raise RuntimeError("forward_func did not run every block of the model in the calling thread.")
+        with torch.no_grad():
+            relevance = head_relevance(self.lrp_head, recorder.last_output.float(), target)
+            outputs = [*inputs[1:], recorder.last_output]
+            per_block: List[Optional[Tensor]] = [None] * len(self.lrp_blocks)
+            for slot in reversed(range(len(self.lrp_blocks))):
+                x = inputs[slot].float()  # type: ignore[union-attr]
+                relevance, per_block[slot], y = block_relevance(self.lrp_blocks[slot], x, relevance)
+                err = relative_error(y, outputs[slot].float())  # type: ignore[union-attr]
+                if err > agreement_tolerance(outputs[slot].dtype):  # type: ignore[union-attr]
+                    raise UnsupportedModelError(
+                        f"{self.adapter.blocks_expression()}[{slot}] does not compute what its parts do "
+                        f"(relative difference {err:.2e}): a hook or patched forward changes it, so relevance "
+                        "through it would explain another computation."
+                    )
+        self._attention_relevance = per_block  # type: ignore[assignment]
+
+    def reduce_gradient(self, slot: int, weights: Tensor, grad: Tensor) -> Tensor:
+        relevance = self._attention_relevance[slot].to(grad.dtype)
+        return (grad * relevance).clamp(min=0).mean(dim=1)
+
+    def combine(
+        self, scores: List[Optional[Tensor]], weights: List[Tensor], grads: Optional[List[Tensor]], P: int
+    ) -> Tensor:
+        assert grads is not None  # the reduced mean_h(relu(dy/dA * R(A))) of each block
+        eye = torch.eye(weights[0].shape[-1], dtype=grads[0].dtype, device=grads[0].device)
+        rollout = grads[0] + eye
+        for a_bar in grads[1:]:
+            rollout = (a_bar + eye) @ rollout
+        return rollout[:, 0, P:]
