@@ -63,7 +63,7 @@ def reciprocal_masks(
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """The ``(h*w, P + h*w)`` token masks of ViT-ReciproCAM (methods.md 1.2).
+    """The ``(h*w, P + h*w)`` token masks of ViT-ReciproCAM (docs/methods.md 1.2).
 
     Row ``k = i*w + j`` is the mask of grid cell ``(i, j)``: the 3x3 binomial
     kernel centred there, cropped at the border and not renormalised
@@ -527,7 +527,14 @@ def _check_block_wiring(view: BlockView, x: Tensor, call: Call, output: Tensor) 
 
 
 def _fast_prefix_rows(
-    view: BlockView, z: Tensor, source: Tensor, masks: Tensor, P: int, call: Call, chunk: Optional[int] = None
+    view: BlockView,
+    z: Tensor,
+    source: Tensor,
+    masks: Tensor,
+    P: int,
+    call: Call,
+    chunk: Optional[int] = None,
+    keep_prefix: Optional[bool] = None,
 ) -> Tensor:
     """Prefix rows of the block output for each masked copy, exactly.
 
@@ -538,6 +545,7 @@ def _fast_prefix_rows(
         masks: ``(c, T)`` token masks of the copies.
         P: number of prefix tokens.
         chunk: copies whose attention rows are computed together (``None``: all).
+        keep_prefix: whether the masks keep the prefix rows (``None``: read from ``masks``).
 
     Returns:
         ``(n, c, P, D)``: rows ``:P`` of ``view.forward(z * m, source * m)``;
@@ -545,7 +553,7 @@ def _fast_prefix_rows(
         rest of the block acts on each token alone.
     """
     assert view.math is not None
-    attention = view.math.prefix_rows(z, masks, P, call, chunk)  # (n, c, P, D)
+    attention = view.math.prefix_rows(z, masks, P, call, chunk, keep_prefix)  # (n, c, P, D)
     n, c, _, D = attention.shape
     residual = (masks[0, :P, None] * source[:, :P])[:, None].expand(n, c, P, D)
     y = view.finish(residual.reshape(n * c, P, D), attention.reshape(n * c, P, D))

@@ -183,7 +183,13 @@ class AttentionMath:
         return self.finish(_merge_heads(out), x), scores, leaf
 
     def prefix_rows(
-        self, z: Tensor, masks: Tensor, num_prefix: int, call: Call, chunk: Optional[int] = None
+        self,
+        z: Tensor,
+        masks: Tensor,
+        num_prefix: int,
+        call: Call,
+        chunk: Optional[int] = None,
+        keep_prefix: Optional[bool] = None,
     ) -> Tensor:
         """Attention output of the prefix rows of every masked copy, exactly.
 
@@ -196,6 +202,9 @@ class AttentionMath:
             chunk: copies whose attention rows are computed together (memory
                 bound: ``n * chunk * H * P * T`` scores); ``None``: all. The
                 projections are computed once whatever the chunk.
+            keep_prefix: whether the masks keep the prefix rows (1) or zero
+                them; ``None`` reads it from ``masks`` (a data-dependent branch
+                that ``torch.export`` cannot trace, hence the option).
 
         Returns:
             ``(n, c, P, D)``: rows ``:P`` of the module's output on each copy.
@@ -213,16 +222,19 @@ class AttentionMath:
         c = masks.shape[0]
         H, d = self.num_heads, self.head_dim
         prefix_value = masks[0, 0]  # masks agree on every prefix row: 0 or 1
+        keep_prefix = bool(prefix_value == 1) if keep_prefix is None else keep_prefix
         bias = self.score_bias(call)
         bias = None if bias is None else bias[..., :num_prefix, None, :]
-        mix = (self._affine_prefix_mix if self.affine else self._level_prefix_mix)(z, masks, num_prefix, call)
+        mix = (self._affine_prefix_mix if self.affine else self._level_prefix_mix)(z, masks, num_prefix, call, keep_prefix)
         step = c if chunk is None else max(1, chunk)
         mixed = torch.cat([mix(masks[start : start + step], bias) for start in range(0, c, step)], dim=3)
         merged = mixed.permute(0, 3, 2, 1, 4).reshape(n * c, num_prefix, H * d)  # (n, H, P, c, d) -> copies
         z_prefix = (prefix_value * z[:, :num_prefix]).repeat_interleave(c, dim=0)
         return self.finish(merged, z_prefix).view(n, c, num_prefix, -1)
 
-    def _affine_prefix_mix(self, z: Tensor, masks: Tensor, P: int, call: Call) -> Callable[..., Tensor]:
+    def _affine_prefix_mix(
+        self, z: Tensor, masks: Tensor, P: int, call: Call, keep_prefix: bool
+    ) -> Callable[..., Tensor]:
         """Affine projections: ``k(m z_t) = k0_t + m (k1_t - k0_t)``, likewise ``v``.
 
         Scores are ``q.k0_t + m_t q.(k1_t - k0_t)`` and the mix is
@@ -231,7 +243,7 @@ class AttentionMath:
         """
         q1, k1, v1 = self.project(z, call)
         q0, k0, v0 = self.project(torch.zeros_like(z[:1]), call)  # (1, H, T, d): biases, rotations
-        q = (q1 if bool(masks[0, 0] == 1) else q0.expand_as(q1))[:, :, :P] * self.scale  # (n, H, P, d)
+        q = (q1 if keep_prefix else q0.expand_as(q1))[:, :, :P] * self.scale  # (n, H, P, d)
         base = (q @ k0.transpose(-2, -1))[:, :, :, None, :]  # (n, H, P, 1, T)
         slope = (q @ (k1 - k0).transpose(-2, -1))[:, :, :, None, :]
         dv = v1 - v0
@@ -245,7 +257,9 @@ class AttentionMath:
 
         return mix
 
-    def _level_prefix_mix(self, z: Tensor, masks: Tensor, P: int, call: Call) -> Callable[..., Tensor]:
+    def _level_prefix_mix(
+        self, z: Tensor, masks: Tensor, P: int, call: Call, keep_prefix: bool
+    ) -> Callable[..., Tensor]:
         """Any per-token projection (q/k norms): project once per distinct mask value, gather per copy."""
         T = z.shape[1]
         levels = torch.unique(masks)  # (V,)
@@ -377,6 +391,17 @@ class ViTAdapter:
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         raise NotImplementedError
+
+    def forward_to_block(self, images: Tensor, index: int) -> Tensor:
+        """The ``(B, T, D)`` input of block ``index``, computed without hooks (for export).
+
+        Families that support :class:`captum_vit.export.ExplainedViT` implement it.
+        """
+        raise UnsupportedModelError(f"{self.family} models cannot be exported with their explanation yet.")
+
+    def forward_head_on_prefix(self, prefix: Tensor) -> Tensor:
+        """Logits from the ``(N, P, D)`` prefix rows of the last block's output (head reading prefix tokens only)."""
+        raise UnsupportedModelError(f"{self.family} models cannot be exported with their explanation yet.")
 
     def lrp_head(self) -> Optional[LRPHead]:
         """The head as :class:`LRPHead` (a linear layer on one token), or ``None``."""

@@ -214,6 +214,17 @@ class TimmViTAdapter(TimmAdapter):
             return HEAD_CLASS_AND_PATCHES  # a custom head: assume it may read anything
         return timm_head_reads(m, self.num_prefix_tokens)
 
+    def forward_to_block(self, images: Tensor, index: int) -> Tensor:
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        for block in list(m.blocks)[:index]:
+            x = block(x)
+        return x
+
+    def forward_head_on_prefix(self, prefix: Tensor) -> Tensor:
+        m = self.model
+        return m.forward_head(m.norm(prefix))  # token pooling (and the distillation token) read prefix rows only
+
     def lrp_head(self) -> Optional[LRPHead]:
         from timm.models.vision_transformer import VisionTransformer
 

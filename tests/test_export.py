@@ -1,0 +1,102 @@
+"""ExplainedViT: logits and ReciproCAM maps in one hook-free forward that exports.
+
+Maps must equal LayerReciproCAM's eager maps: exactly in eager, to 1e-4 through
+torch.export and ONNX (onnxruntime), for DeiT, distilled DeiT and a register-token ViT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_same_state, make_model, model_state
+
+from captum_vit import LayerReciproCAM, UnsupportedModelError
+from captum_vit.export import ExplainedViT
+
+FAMILIES = ["deit_tiny", "deit_tiny_distilled", "vit_reg4"]
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def _reference(model, images, **kw):
+    return LayerReciproCAM(model, model.blocks[-1]).attribute(images, path="general", **kw)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_eager_maps_equal_layer_reciprocam(name):
+    model, images = make_model(name)
+    before = model_state(model)
+    explained = ExplainedViT(model, image_size=tuple(images.shape[-2:]))
+    logits, maps = explained(images)
+    torch.testing.assert_close(logits, model(images), **TOL)
+    torch.testing.assert_close(maps, _reference(model, images), **TOL)
+    target = torch.tensor([4, 9])
+    torch.testing.assert_close(explained(images, target)[1], _reference(model, images, target=target), **TOL)
+    every = ExplainedViT(model, image_size=tuple(images.shape[-2:]), targets="all", normalize=False,
+                         residual="input", scores="logits", kernel="dirac")(images)[1]
+    reference = LayerReciproCAM(model, model.blocks[-1]).attribute_all_classes(
+        images, normalize=False, residual="input", scores="logits", kernel="dirac", path="general")
+    torch.testing.assert_close(every, reference, **TOL)
+    assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_torch_export_gives_the_eager_maps(name):
+    model, images = make_model(name)
+    explained = ExplainedViT(model, image_size=tuple(images.shape[-2:])).eval()
+    program = torch.export.export(explained, (images,))
+    logits, maps = program.module()(images)
+    torch.testing.assert_close(maps, _reference(model, images), **TOL)
+    torch.testing.assert_close(logits, model(images), **TOL)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_onnx_runtime_gives_the_eager_maps(name, tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model, images = make_model(name)
+    explained = ExplainedViT(model, image_size=tuple(images.shape[-2:])).eval()
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(explained, (images,), str(path), dynamo=True, input_names=["images"],
+                      output_names=["logits", "maps"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, maps = session.run(None, {"images": images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(maps), _reference(model, images), **TOL)
+    torch.testing.assert_close(torch.from_numpy(logits), model(images).detach(), **TOL)
+
+
+@pytest.mark.parametrize("name", ["vit_avgpool"])
+def test_models_without_the_fast_path_are_refused(name):
+    model, _ = make_model(name)
+    with pytest.raises(UnsupportedModelError, match="ExplainedViT computes the exact fast path"):
+        ExplainedViT(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_method_and_the_exported_module_run_on_cuda_as_on_cpu():
+    from captum_vit import AttentionGuidedGradCAM, AttentionRollout, GradientRollout, TransformerAttribution
+
+    model, images = make_model("deit_tiny")
+    target = torch.tensor([1, 2])
+    methods = (AttentionGuidedGradCAM, AttentionRollout, GradientRollout, TransformerAttribution)
+    cpu = [m(model).attribute(images, target=target, normalize=False) for m in methods]
+    cpu_explained = ExplainedViT(model, image_size=(112, 112))(images)[1]
+    gpu_model = model.cuda()
+    for method, expected in zip(methods, cpu):
+        got = method(gpu_model).attribute(images.cuda(), target=target.cuda(), normalize=False)
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(ExplainedViT(gpu_model, image_size=(112, 112))(images.cuda())[1].cpu(), cpu_explained,
+                               atol=1e-4, rtol=1e-3)
+    model.cpu()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_openvino_converts_it_and_gives_the_eager_maps_in_f32(name):
+    ov = pytest.importorskip("openvino")
+    model, images = make_model(name)
+    explained = ExplainedViT(model, image_size=tuple(images.shape[-2:])).eval()
+    converted = ov.convert_model(explained, example_input=(images,))
+    # the CPU plugin computes in bf16 by default on CPUs that have it: f32 is asked for explicitly
+    compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    logits, maps = compiled({0: images.numpy()}).values()
+    torch.testing.assert_close(torch.from_numpy(maps), _reference(model, images), **TOL)
+    torch.testing.assert_close(torch.from_numpy(logits), model(images).detach(), **TOL)
