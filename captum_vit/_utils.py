@@ -234,7 +234,7 @@ def _array_target(target: Any) -> Tensor:
 def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
     """Scale each ``(h, w)`` map of a ``(B, k, h, w)`` tensor to ``[0, 1]``.
 
-    ``(s - min) / (max - min + eps)`` per image and per map (methods.md 1.5).
+    ``(s - min) / (max - min + eps)`` per image and per map (docs/methods.md 1.5).
     A constant map becomes all zeros.
     """
     flat = maps.flatten(2)

@@ -1,7 +1,7 @@
 """Captum's own methods set up for ViTs, for comparisons in the same loop.
 
 Captum's ``LayerGradCam`` on a ViT block output averages gradients over the
-embedding and sums over tokens, which is meaningless (methods.md section 6).
+embedding and sums over tokens, which is meaningless (docs/methods.md section 6).
 :func:`vit_layer_gradcam` exposes the patch tokens of a layer as a
 ``(B, D, h, w)`` feature map first, then hands them to Captum's own class.
 """
@@ -74,6 +74,6 @@ def vit_layer_gradcam(
 def integrated_gradients_map(
     ig: IntegratedGradients, inputs: Tensor, target: Any, n_steps: int = 50, internal_batch_size: Optional[int] = None
 ) -> Tensor:
-    """Captum IG summed over channels, absolute: ``(B, 1, H, W)`` (methods.md section 4)."""
+    """Captum IG summed over channels, absolute: ``(B, 1, H, W)`` (docs/methods.md section 4)."""
     attributions = ig.attribute(inputs, target=target, n_steps=n_steps, internal_batch_size=internal_batch_size)
     return attributions.sum(dim=1, keepdim=True).abs()

@@ -156,3 +156,27 @@ def test_demo_writes_figures(tmp_path, capsys, monkeypatch):
     figures = sorted(p.name for p in tmp_path.glob("*.png"))
     assert "mosaic_four_classes.png" in figures and "cifar_0_cat.png" in figures and len(figures) >= 9
     assert "figures written to" in capsys.readouterr().out
+
+
+def test_preprocessing_is_timms_transform_for_a_deit(tmp_path):
+    """resize 248 (shorter side, bicubic), centre crop 224, ImageNet normalisation: what timm's DeiT-S expects."""
+    import timm
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from captum_vit.models import load_model
+
+    weights = tmp_path / "deit.pth"
+    torch.save(timm.create_model("deit_small_patch16_224").state_dict(), weights)
+    loaded = load_model(str(weights), arch="deit_small_patch16_224")
+    photo = Image.fromarray((np.random.default_rng(0).random((300, 450, 3)) * 255).astype(np.uint8))  # not square
+    expected = transforms.Compose([
+        transforms.Resize(248, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])(photo)
+    got = loaded.preprocess(photo)
+    assert got.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(got[0], expected)

@@ -352,3 +352,46 @@ def test_metrics_accept_every_target_form_and_say_why_a_mean_is_nan():
     empty = ADCCResult(*[torch.zeros(0)] * 6)
     with pytest.raises(ValueError, match="holds no examples"):
         empty.summary()
+
+
+def test_quantus_explain_func_follows_quantus_contract():
+    from captum_vit.metrics import quantus_explain_func
+
+    model, images = make_model("vit_reg4")
+    cam = LayerReciproCAM(model, model.blocks[-1])
+    explain_func = quantus_explain_func(cam)
+    x, y = images.numpy(), torch.tensor([1, 2]).numpy()
+    a = explain_func(model, x, y)  # as Quantus calls it
+    assert isinstance(a, type(x)) and a.shape == (2, 1, 64, 64) and a.dtype.name == "float32"
+    expected = torch.nn.functional.interpolate(cam.attribute(images, target=[1, 2]), size=(64, 64), mode="bilinear")
+    torch.testing.assert_close(torch.from_numpy(a), expected)
+    with pytest.raises(ValueError, match="needs \\(N, C, H, W\\) inputs"):
+        explain_func(model, x[0], y[:1])
+
+
+def test_quantus_metrics_run_on_the_embedded_model_and_agree_with_our_pointing():
+    """Quantus 0.6 (in the test extra) scores our maps through quantus_explain_func."""
+    quantus = pytest.importorskip("quantus")
+    from captum_vit.metrics import mosaic_cell_boxes, quantus_explain_func
+    from captum_vit.models import default_model, sample_images
+
+    loaded = default_model()
+    model = loaded.forward
+    pictures, labels = sample_images()
+    images = torch.cat([loaded.preprocess(p) for p in pictures[:4]])
+    mosaics = make_mosaic(images)[None].repeat(4, 1, 1, 1)  # one mosaic, each cell's class explained in turn
+    cells = torch.tensor(labels[:4])
+    explain_func = quantus_explain_func(AttentionGuidedGradCAM(model))
+    x, y = mosaics.numpy(), cells.numpy()
+    masks = torch.zeros(4, 1, 64, 64)
+    for c, (x0, y0, x1, y1) in enumerate(mosaic_cell_boxes(64, 64)):
+        masks[c, :, y0:y1, x0:x1] = 1
+    hits = quantus.PointingGame(disable_warnings=True)(
+        model=model, x_batch=x, y_batch=y, s_batch=masks.numpy(), explain_func=explain_func, device="cpu")
+    # ours: does the map's maximum (upsampled as Quantus sees it) fall inside the class's cell?
+    maps = torch.from_numpy(explain_func(model, x, y))
+    ours = [bool(masks[c, 0].flatten()[maps[c, 0].flatten().argmax()]) for c in range(4)]
+    assert [bool(h) for h in hits] == ours
+    random_logit = quantus.RandomLogit(num_classes=10, disable_warnings=True)(
+        model=model, x_batch=x, y_batch=y, explain_func=explain_func, device="cpu")
+    assert len(random_logit) == 4 and all(math.isfinite(v) for v in random_logit)

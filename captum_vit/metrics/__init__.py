@@ -8,7 +8,7 @@
 - :func:`deletion_insertion` curves;
 - Captum interop: :func:`expand_to_input` (a ``(B, 1, h, w)`` map to the
   input's shape for ``captum.metrics.infidelity``), :func:`patch_perturbation`
-  and :func:`input_attribution`.
+  and :func:`input_attribution`; Quantus interop: :func:`quantus_explain_func`.
 """
 
 from ._adcc import ADCCResult, adcc, adcc_score, pearson
@@ -16,7 +16,14 @@ from ._checkpoint import CheckpointMismatchError
 from ._deletion import deletion_insertion
 from ._evaluate import evaluate_adcc
 from ._localization import box_localization, boxes_from_map, make_mosaic, mosaic_cell_boxes, pointing_game
-from ._maps import as_explain_func, expand_to_input, input_attribution, patch_perturbation, upsample_maps
+from ._maps import (
+    as_explain_func,
+    expand_to_input,
+    input_attribution,
+    patch_perturbation,
+    quantus_explain_func,
+    upsample_maps,
+)
 
 __all__ = [
     "ADCCResult",
@@ -35,5 +42,6 @@ __all__ = [
     "patch_perturbation",
     "pearson",
     "pointing_game",
+    "quantus_explain_func",
     "upsample_maps",
 ]

@@ -1,4 +1,4 @@
-"""ADCC and its components (Poppi et al., CVPR-W 2021; methods.md section 3)."""
+"""ADCC and its components (Poppi et al., CVPR-W 2021; docs/methods.md section 3)."""
 
 from __future__ import annotations
 

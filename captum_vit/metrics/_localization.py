@@ -1,4 +1,4 @@
-"""Localisation metrics: grid pointing game and box metrics (methods.md section 5)."""
+"""Localisation metrics: grid pointing game and box metrics (docs/methods.md section 5)."""
 
 from __future__ import annotations
 

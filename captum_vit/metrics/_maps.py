@@ -127,3 +127,35 @@ def input_attribution(explain: Any) -> Callable[..., Tensor]:
         return (out,) if isinstance(inputs, tuple) else out
 
     return attribute
+
+
+def quantus_explain_func(explain: Any) -> Callable[..., Any]:
+    """An ``explain_func`` for Quantus metrics, from a captum_vit explainer.
+
+    Quantus calls ``explain_func(model, inputs, targets, **kwargs)`` with numpy
+    ``(N, C, H, W)`` inputs and ``(N,)`` targets and expects numpy
+    attributions; this returns ``(N, 1, H, W)`` float32 maps, the patch-grid
+    maps upsampled bilinearly (not normalised). Inputs go to the device of the
+    model's parameters.
+
+    Example::
+
+        import quantus
+        metric = quantus.FaithfulnessCorrelation(nr_runs=10, subset_size=56)
+        scores = metric(model=model, x_batch=x, y_batch=y, a_batch=None,
+                        explain_func=quantus_explain_func(LayerReciproCAM(model, model.blocks[-1])))
+    """
+    import numpy as np
+
+    fn = as_explain_func(explain)
+
+    def explain_func(model: Any, inputs: Any, targets: Any, **kwargs: Any) -> Any:
+        device = next((p.device for p in getattr(model, "parameters", lambda: iter(()))()), torch.device("cpu"))
+        x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32, device=device)
+        if x.dim() != 4:
+            raise ValueError(f"quantus_explain_func needs (N, C, H, W) inputs; got shape {tuple(x.shape)}.")
+        t = torch.as_tensor(np.asarray(targets).reshape(-1), dtype=torch.long, device=device)
+        maps = checked_maps(fn(x, t), x.shape[0], "quantus_explain_func")
+        return upsample_maps(maps, x.shape[-2:], normalize=False).cpu().numpy().astype(np.float32)
+
+    return explain_func
