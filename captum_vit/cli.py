@@ -4,6 +4,7 @@
     captum-vit explain photos/ --model deit_small_patch16_224 --method agcam --top-k 3
     captum-vit explain "shots/*.jpg" img.png --model default --method reciprocam --target cat
     captum-vit evaluate --model default --data cifar10_jpeg.npz --method reciprocam --limit 200
+    torchrun --nproc-per-node 2 -m captum_vit.cli evaluate --data cifar10_jpeg.npz --checkpoint-dir runs/rc
 
 Bad input (a missing or unreadable file, not an image, an unknown model,
 weights that cannot be fetched, a target out of range, an output path that
@@ -235,16 +236,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.checkpoint_dir is not None and Path(args.checkpoint_dir).is_file():
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir} is a file; give a folder.")
+    distributed = _start_distributed(device)  # under torchrun: one shard of the batches per process
+    if distributed is not None:
+        device = distributed
     loaded = _load(args.model, args.arch, device)
     loader = _evaluation_loader(args.data, args.batch, args.limit, loaded)
     fn = explainer(args.method, loaded.forward, vit=loaded.vit)
-    result = evaluate_adcc(loaded.forward, fn, loader, use_labels=args.use_labels,
-                           checkpoint_dir=args.checkpoint_dir, device=device, restart=args.restart)
+    try:
+        result = evaluate_adcc(loaded.forward, fn, loader, use_labels=args.use_labels,
+                               checkpoint_dir=args.checkpoint_dir, device=device, restart=args.restart)
+    finally:
+        if distributed is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if distributed is not None and int(os.environ.get("RANK", "0")) != 0:
+        return 0
     summary = result.summary()
     print(f"{TITLES[args.method]} on {args.model}, {summary['n']} images:")
     for key in ("average_drop", "average_increase", "coherency", "complexity", "adcc_of_means", "mean_adcc"):
         print(f"  {key:>17}: {summary[key]:6.2f} %")
     return 0
+
+
+def _start_distributed(device: torch.device) -> Optional[torch.device]:
+    """Join the process group ``torchrun`` describes (gloo on CPU, NCCL on CUDA); ``None`` outside torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -59,6 +59,13 @@ def evaluate_adcc(
 
     Returns:
         :class:`ADCCResult` over every example, in loader order.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` group; gloo on
+    CPU, NCCL on GPU) rank ``r`` of ``W`` explains batches ``r, r + W, ...``
+    (every rank iterates the loader, which must give the same batches in the
+    same order everywhere), writes its own batch files into the shared
+    ``checkpoint_dir``, and every rank returns the merged result, equal to a
+    single process's. Pass each rank's ``device``.
     """
     if not isinstance(baseline, (int, float)) or isinstance(baseline, bool) or not math.isfinite(baseline):
         raise ValueError(f"baseline must be a finite number; got {baseline!r}.")
@@ -71,9 +78,12 @@ def evaluate_adcc(
         checkpoints.check_manifest(getattr(loader, "batch_size", None))  # refuse before any work when possible
     names = [f.name for f in fields(ADCCResult)]
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    results = []
-    bar = tqdm(loader, total=total, desc="ADCC", unit="batch", disable=not progress)
+    rank, world = _distributed_rank_and_size()
+    results: Dict[int, ADCCResult] = {}
+    bar = tqdm(loader, total=total, desc="ADCC", unit="batch", disable=not progress or rank != 0)
     for i, batch in enumerate(bar):
+        if i % world != rank:  # under torchrun, rank r explains batches r, r + world, ...
+            continue
         images, labels = _batch_images_labels(batch)
         if not isinstance(images, Tensor):
             raise TypeError(f"batch {i} of the loader holds {type(images).__name__}, not a tensor of images.")
@@ -92,8 +102,29 @@ def evaluate_adcc(
             result = adcc(forward_func, explain_func, images, target=target, baseline=baseline)
             if checkpoints is not None:
                 checkpoints.save(i, digest, vars(result))
-        results.append(result)
-        bar.set_postfix(adcc=f"{ADCCResult.cat(results).summary()['adcc_of_means']:.1f}")
+        results[i] = result
+        bar.set_postfix(adcc=f"{ADCCResult.cat(list(results.values())).summary()['adcc_of_means']:.1f}")
+    if world > 1:
+        results = _gather_batches(results, names)
     if not results:
         raise ValueError("the loader yielded no batches.")
-    return ADCCResult.cat(results)
+    return ADCCResult.cat([results[i] for i in sorted(results)])
+
+
+def _distributed_rank_and_size() -> Tuple[int, int]:
+    """``(rank, world size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_batches(mine: Dict[int, ADCCResult], names: List[str]) -> Dict[int, ADCCResult]:
+    """Every rank's batches on every rank, by batch index (so the merge is the single-process result)."""
+    import torch.distributed as dist
+
+    payload = {i: {n: getattr(r, n).cpu() for n in names} for i, r in mine.items()}
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, payload)
+    return {i: ADCCResult(**fields_) for part in gathered for i, fields_ in part.items()}
