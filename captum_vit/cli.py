@@ -231,12 +231,12 @@ def _evaluation_loader(data: str, batch: int, limit: Optional[int], loaded):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .methods import explainer
-    from .metrics import evaluate_adcc
+    from .metrics import evaluate_adcc, join_torchrun
 
     device = _device(args.device)
     if args.checkpoint_dir is not None and Path(args.checkpoint_dir).is_file():
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir} is a file; give a folder.")
-    distributed = _start_distributed(device)  # under torchrun: one shard of the batches per process
+    distributed = join_torchrun(device)  # under torchrun: one shard of the batches per process
     if distributed is not None:
         device = distributed
     loaded = _load(args.model, args.arch, device)
@@ -257,19 +257,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key in ("average_drop", "average_increase", "coherency", "complexity", "adcc_of_means", "mean_adcc"):
         print(f"  {key:>17}: {summary[key]:6.2f} %")
     return 0
-
-
-def _start_distributed(device: torch.device) -> Optional[torch.device]:
-    """Join the process group ``torchrun`` describes (gloo on CPU, NCCL on CUDA); ``None`` outside torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

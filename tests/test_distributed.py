@@ -61,3 +61,40 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
                      "manifest.json"]
     resumed = evaluate_adcc(model, explain, loader, use_labels=True, progress=False, checkpoint_dir=tmp_path / "runs")
     assert torch.equal(resumed.adcc, single.adcc)  # one process resumes the two ranks' files
+
+
+def _evidence_setup():
+    from conftest import randomize
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = randomize(VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=1, num_heads=2, num_classes=6))
+    backgrounds = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return model, backgrounds, dict(methods=["reciprocam", "random"], n=5, batch_size=2, progress=False)
+
+
+def _evidence_rank(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from captum_vit.metrics import evaluate_known_evidence
+
+        model, backgrounds, options = _evidence_setup()
+        torch.save(evaluate_known_evidence(model, backgrounds=backgrounds, **options).values, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_known_evidence_on_two_gloo_processes_gives_the_single_process_result(tmp_path):
+    from captum_vit.metrics import evaluate_known_evidence
+
+    model, backgrounds, options = _evidence_setup()
+    single = evaluate_known_evidence(model, backgrounds=backgrounds, **options).values
+    mp.spawn(_evidence_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        merged = torch.load(tmp_path / f"rank{rank}.pt")
+        assert list(merged) == list(single)
+        for method, metrics in single.items():
+            assert list(merged[method]) == list(metrics)
+            for name, value in metrics.items():  # 3 batches over 2 ranks, the random control included
+                assert torch.equal(merged[method][name], value), f"rank {rank}: {method} {name} differs"

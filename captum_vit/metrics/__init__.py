@@ -6,6 +6,11 @@
 - :func:`pointing_game` on 2x2 mosaics (:func:`make_mosaic`) and
   :func:`box_localization` (pixel accuracy, IoU, Dice);
 - :func:`deletion_insertion` curves;
+- where the evidence is known (:mod:`captum_vit.evidence` canvases):
+  :func:`evidence_mass`, :func:`top_pixel_inside`, the model-randomisation
+  control (:func:`cascading_randomization`, :func:`rank_correlation`),
+  :func:`bootstrap_interval`, and :func:`evaluate_known_evidence`, which runs
+  them all for every method, in one process or under ``torchrun``;
 - Captum interop: :func:`expand_to_input` (a ``(B, 1, h, w)`` map to the
   input's shape for ``captum.metrics.infidelity``), :func:`patch_perturbation`
   and :func:`input_attribution`; Quantus interop: :func:`quantus_explain_func`.
@@ -14,7 +19,9 @@
 from ._adcc import ADCCResult, adcc, adcc_score, pearson
 from ._checkpoint import CheckpointMismatchError
 from ._deletion import deletion_insertion
-from ._evaluate import evaluate_adcc
+from ._evaluate import evaluate_adcc, join_torchrun
+from ._evidence import bootstrap_interval, cascading_randomization, evidence_mass, rank_correlation, top_pixel_inside
+from ._known_evidence import KNOWN_EVIDENCE_METRICS, KnownEvidenceResult, evaluate_known_evidence
 from ._localization import box_localization, boxes_from_map, make_mosaic, mosaic_cell_boxes, pointing_game
 from ._maps import (
     as_explain_func,
@@ -29,6 +36,14 @@ __all__ = [
     "ADCCResult",
     "adcc",
     "adcc_score",
+    "bootstrap_interval",
+    "cascading_randomization",
+    "evaluate_known_evidence",
+    "evidence_mass",
+    "KNOWN_EVIDENCE_METRICS",
+    "KnownEvidenceResult",
+    "rank_correlation",
+    "top_pixel_inside",
     "CheckpointMismatchError",
     "as_explain_func",
     "box_localization",
@@ -37,6 +52,7 @@ __all__ = [
     "evaluate_adcc",
     "expand_to_input",
     "input_attribution",
+    "join_torchrun",
     "make_mosaic",
     "mosaic_cell_boxes",
     "patch_perturbation",
