@@ -156,22 +156,28 @@ def evidence_backgrounds(npz: Optional[str] = None, split: str = "train", limit:
 
 
 #: the known-evidence models trained by ``benchmarks/train_evidence.py``: name -> VisionTransformer
-#: arguments beyond the shared ones (64x64 canvases, patch 8, width 96, 3 heads, MLP ratio 2, 6 classes)
+#: arguments beyond the shared ones (64x64 canvases, patch 8, width 96, 3 heads, MLP ratio 2, 6 classes).
+#: ``distilled=True`` builds timm's DeiT ``VisionTransformerDistilled`` (class + distillation token,
+#: two heads averaged at inference); the others are timm's ``VisionTransformer``.
 EVIDENCE_MODELS = {
     "cls4": dict(depth=4),
     "cls8": dict(depth=8),
+    "dist4": dict(depth=4, distilled=True),
     "reg4": dict(depth=4, reg_tokens=4),
 }
 
 
 def build_evidence_model(name: str):
     """An untrained known-evidence ViT (see :data:`EVIDENCE_MODELS`)."""
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
     if name not in EVIDENCE_MODELS:
         raise ValueError(f"unknown known-evidence model {name!r}; choose one of {', '.join(EVIDENCE_MODELS)}.")
-    return VisionTransformer(img_size=CANVAS, patch_size=8, embed_dim=96, num_heads=3, mlp_ratio=2.0,
-                             num_classes=len(CLASSES), **EVIDENCE_MODELS[name])
+    arguments = dict(EVIDENCE_MODELS[name])
+    family = VisionTransformerDistilled if arguments.pop("distilled", False) else VisionTransformer
+    return family(img_size=CANVAS, patch_size=8, embed_dim=96, num_heads=3, mlp_ratio=2.0,
+                  num_classes=len(CLASSES), **arguments)
 
 
 def load_evidence_model(name: str):
