@@ -154,3 +154,47 @@ def class_grid_figure(
         for c, name in enumerate(class_names):
             draw_overlay(axes[r, c + 1], image, class_maps[c : c + 1], f"{method}: {name}")
     return _finish(plt, fig, out)
+
+
+def known_evidence_figure(
+    pixels: torch.Tensor,
+    boxes: Sequence[Tuple[int, int, int, int]],
+    captions: Sequence[str],
+    maps: Dict[str, torch.Tensor],
+    masses: Dict[str, torch.Tensor],
+    out: Optional[str | Path] = None,
+    class_agnostic: Sequence[str] = (),
+):
+    """Rows: canvases with their decisive mark boxed; columns: the canvas, then one overlay per method.
+
+    Args:
+        pixels: ``(N, 3, H, W)`` canvases in ``[0, 1]``.
+        boxes: per canvas, the ``(x0, y0, x1, y1)`` pixel box of the mark
+            that decides the explained class (end exclusive), drawn on every
+            panel of the row.
+        captions: per canvas, what the model was asked about.
+        maps: ``{method title: (N, 1, h, w) raw maps}``.
+        masses: ``{method title: (N,) evidence mass}``, written in each caption.
+        out: where to save the PNG (the figure is returned open if ``None``).
+        class_agnostic: method titles whose map does not depend on the class.
+    """
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    n = pixels.shape[0]
+    fig, axes = plt.subplots(n, len(maps) + 1, figsize=(3.0 * (len(maps) + 1), 3.1 * n), squeeze=False)
+    for i in range(n):
+        image = display_image(pixels[i], size=192)
+        scale = image.shape[0] / pixels.shape[-2]
+        x0, y0, x1, y1 = (v * scale for v in boxes[i])
+        axes[i, 0].imshow(image)
+        axes[i, 0].set_title(captions[i], fontsize=8)
+        axes[i, 0].axis("off")
+        for ax, (name, method_maps) in zip(axes[i, 1:], maps.items()):
+            label = f"{name} (any class)" if name in class_agnostic else name
+            draw_overlay(ax, image, method_maps[i], f"{label}\nevidence mass {float(masses[name][i]):.2f}")
+        for ax in axes[i]:
+            # the box marks the mark's outer pixel edges (imshow centres pixels on integers)
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime",
+                                   linewidth=1.5, linestyle="--"))
+    return _finish(plt, fig, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -155,7 +156,13 @@ def test_demo_writes_figures(tmp_path, capsys, monkeypatch):
     assert cli.main(["demo", "--out", str(tmp_path), "--method", "reciprocam", "--method", "agcam"]) == 0
     figures = sorted(p.name for p in tmp_path.glob("*.png"))
     assert "mosaic_four_classes.png" in figures and "cifar_0_cat.png" in figures and len(figures) >= 9
-    assert "figures written to" in capsys.readouterr().out
+    assert "known_evidence.png" in figures
+    out = capsys.readouterr().out
+    assert "figures written to" in out
+    # the known-evidence line names every method and the random control with a number each
+    line = next(x for x in out.splitlines() if "evidence mass (share of each map inside the true mark" in x)
+    for title in ("ViT-ReciproCAM", "AGCAM", "random control"):
+        assert re.search(rf"{title} \d\.\d\d", line), line
 
 
 def test_preprocessing_is_timms_transform_for_a_deit(tmp_path):

@@ -62,3 +62,4 @@ def test_wheel_holds_the_model_and_samples_and_runs_the_demo(installed_wheel):
                 cwd=work, env=env)
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert len(list((work / "demo").glob("*.png"))) >= 9
+    assert (work / "demo" / "known_evidence.png").exists()  # the known-evidence model travels in the wheel
