@@ -155,6 +155,9 @@ def plot(out: Path) -> None:
                     means.append(s["mean"])
                     errs[0].append(s["mean"] - s["lo"])
                     errs[1].append(s["hi"] - s["mean"])
+                else:  # an empty slot would read as 0: say the method did not run on this model
+                    ax.text(i - 0.4 + width * (j + 0.5), 0.03, "did not run", rotation=90, ha="center",
+                            va="bottom", fontsize=7)
             ax.bar(xs, means, width, yerr=errs, capsize=2, label=f"{r['model']} (n={r['n']})")
         ax.set_ylabel(HEADERS[metric].replace(" (", "\n("), fontsize=9)
         ax.set_ylim(0, 1.05)
@@ -172,7 +175,7 @@ def plot(out: Path) -> None:
         for m in methods:
             if m in r["summary"]:
                 ax.plot(range(len(r["stages"])), [r["summary"][m][f"spearman/{s}"]["mean"] for s in r["stages"]],
-                        marker="o", ms=3, label=TITLES[m])
+                        marker="o", ms=3, label=TITLES[m], color=f"C{methods.index(m)}")  # one colour per method
         ax.set_xticks(range(len(r["stages"])))
         ax.set_xticklabels(r["stages"], rotation=60, ha="right", fontsize=7)
         ax.set_title(r["model"], fontsize=10)
