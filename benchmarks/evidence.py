@@ -233,7 +233,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="cifar10_jpeg.npz (its test split gives the held-out backgrounds)")
     parser.add_argument("--model", default="cls4", choices=list(EVIDENCE_MODELS))
-    parser.add_argument("--n", type=int, default=200, help="canvases per variant")
+    # not --n: torchrun would take it for an abbreviation of its own --nnodes/--nproc-per-node
+    parser.add_argument("--canvases", dest="n", type=int, default=200, help="canvases per variant")
     parser.add_argument("--batch", type=int, default=50, help="canvases per batch (the unit shared across ranks)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=2)
