@@ -143,9 +143,14 @@ def _distributed_rank_and_size() -> Tuple[int, int]:
 
 def _gather_batches(mine: Dict[int, ADCCResult], names: List[str]) -> Dict[int, ADCCResult]:
     """Every rank's batches on every rank, by batch index (so the merge is the single-process result)."""
+    payload = {i: {n: getattr(r, n).cpu() for n in names} for i, r in mine.items()}
+    return {i: ADCCResult(**fields_) for part in _from_every_rank(payload) for i, fields_ in part.items()}
+
+
+def _from_every_rank(value: Any) -> List[Any]:
+    """``value`` of every rank of the initialised ``torch.distributed`` group, in rank order."""
     import torch.distributed as dist
 
-    payload = {i: {n: getattr(r, n).cpu() for n in names} for i, r in mine.items()}
     gathered: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, payload)
-    return {i: ADCCResult(**fields_) for part in gathered for i, fields_ in part.items()}
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from ._adcc import adcc
 from ._checkpoint import CheckpointDirectory, model_fingerprint, tensor_digest
 from ._deletion import deletion_insertion
-from ._evaluate import _distributed_rank_and_size
+from ._evaluate import _distributed_rank_and_size, _from_every_rank
 from ._evidence import (
     bootstrap_interval,
     cascading_randomization,
@@ -29,6 +30,7 @@ from ._evidence import (
     rank_correlation,
     top_pixel_inside,
 )
+from ._localization import _box_mask
 from ._localization import box_localization
 
 #: pointing counts a hit within this many pixels of the mark (half a patch of the 64x64 canvases)
@@ -73,16 +75,14 @@ class KnownEvidenceResult:
                 for m, metrics in self.values.items()}
 
 
-def _grown(box: Tuple[int, int, int, int], size: int, grow: int) -> Tuple[int, int, int, int]:
+def _grown(box: Tuple[int, int, int, int], grow: int = POINTING_GROW) -> Tuple[int, int, int, int]:
     x0, y0, x1, y1 = box
-    return max(0, x0 - grow), max(0, y0 - grow), min(size, x1 + grow), min(size, y1 + grow)
+    return x0 - grow, y0 - grow, x1 + grow, y1 + grow
 
 
-def _box_mask(boxes: Sequence[Tuple[int, int, int, int]], size: int) -> Tensor:
-    mask = torch.zeros(len(boxes), size, size, dtype=torch.bool)
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        mask[i, y0:y1, x0:x1] = True
-    return mask
+def _box_masks(boxes: Sequence[Tuple[int, int, int, int]], size: int) -> Tensor:
+    """``(N, size, size)`` bool, one box per image, clipped to the canvas."""
+    return torch.from_numpy(np.stack([_box_mask([box], size, size) for box in boxes]))
 
 
 class _Canvases:
@@ -93,14 +93,14 @@ class _Canvases:
         first = [marks[0] for marks in batch.boxes]
         self.target = torch.tensor([c for c, _ in first])
         self.boxes = [box for _, box in first]
-        self.mark = _box_mask(self.boxes, size)
-        self.near = _box_mask([_grown(b, size, POINTING_GROW) for b in self.boxes], size)
+        self.mark = _box_masks(self.boxes, size)
+        self.near = _box_masks([_grown(b) for b in self.boxes], size)
         if all(len(marks) > 1 for marks in batch.boxes):
             self.second_target = torch.tensor([marks[1][0] for marks in batch.boxes])
-            self.second_near = _box_mask([_grown(m[1][1], size, POINTING_GROW) for m in batch.boxes], size)
+            self.second_near = _box_masks([_grown(m[1][1]) for m in batch.boxes], size)
         if all(batch.distractors):
-            self.distractor = _box_mask([d[0][1] for d in batch.distractors], size)
-            self.distractor_near = _box_mask([_grown(d[0][1], size, POINTING_GROW) for d in batch.distractors], size)
+            self.distractor = _box_masks([d[0][1] for d in batch.distractors], size)
+            self.distractor_near = _box_masks([_grown(d[0][1]) for d in batch.distractors], size)
 
 
 def evaluate_known_evidence(
@@ -179,14 +179,14 @@ def evaluate_known_evidence(
     parts: Dict[Tuple[str, str, int], Tensor] = {}
     for method in methods:
         try:
-            explainer(method, model)  # a method that refuses this model does so here
+            probe = explainer(method, model)  # a method that refuses this model does so here
         except UnsupportedModelError as error:
             result.unsupported[method] = str(error)
             bar.update(len(mine))
             continue
         checkpoints = None
         if checkpoint_dir is not None:
-            identity = {"method": explainer(method, model).identity, "model": model_fingerprint(model), "n": n,
+            identity = {"method": probe.identity, "model": model_fingerprint(model), "n": n,
                         "seed": seed, "randomization": bool(randomization), "deletion_steps": deletion_steps,
                         "captum_vit_version": __version__, "num_batches": len(batches)}
             checkpoints = CheckpointDirectory(Path(checkpoint_dir) / method, identity, restart=restart)
@@ -262,11 +262,3 @@ def _score_batch(
     flat = maps.flatten(1)
     scores["constant"] = (flat.max(1).values - flat.min(1).values <= 0).float()
     return {k: v.float() for k, v in scores.items()}, maps
-
-
-def _from_every_rank(value: Any) -> List[Any]:
-    import torch.distributed as dist
-
-    gathered: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
