@@ -47,7 +47,7 @@ def _known_evidence(out: Path, device: torch.device, methods: Sequence[str], pic
 
     from .evidence import CLASSES, MARK, denormalize as canvas_pixels, load_evidence_model, make_canvases
     from .metrics import evidence_mass
-    from .visualization import known_evidence_figure
+    from .visualization import known_evidence_figure, raw_range
 
     backgrounds = torch.from_numpy(np.stack([np.asarray(p, dtype=np.float32) / 255 for p in pictures]))
     batch = make_canvases(backgrounds.permute(0, 3, 1, 2), "single", EVIDENCE_CANVASES, seed=EVIDENCE_SEED)
@@ -72,8 +72,11 @@ def _known_evidence(out: Path, device: torch.device, methods: Sequence[str], pic
     share = MARK * MARK / batch.images[0, 0].numel()
     print(f"  {path}  (known evidence: model '{EVIDENCE_MODEL}' trained on 64x64 canvases where a {MARK}x{MARK} "
           f"mark's colour decides the label; {EVIDENCE_CANVASES} canvases on the bundled pictures)")
+    # a flat map's mass is rounding noise; say how many there were beside the number they feed
+    flat = {k: sum(raw_range(m)[2] for m in maps[k]) for k in maps}
     print(f"  evidence mass (share of each map inside the true mark; an even map gets {share:.3f}): " +
-          ", ".join(f"{k} {v.mean():.2f}" for k, v in masses.items()) +
+          ", ".join(f"{k} {v.mean():.2f}" + (f" ({flat[k]} of {len(v)} maps flat)" if flat[k] else "")
+                    for k, v in masses.items()) +
           " -- a few canvases; benchmarks/evidence.py measures it with intervals")
     return path
 
