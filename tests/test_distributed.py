@@ -1,11 +1,13 @@
-"""evaluate_adcc under torch.distributed (2 CPU processes, gloo) equals the single-process run."""
+"""Evaluations under torch.distributed (CPU processes, gloo): the single-process result, one shared folder."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -46,13 +48,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_give_the_single_process_result(tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_processes_give_the_single_process_result(tmp_path, world):
     from captum_vit.metrics import evaluate_adcc
 
     model, explain, loader = _setup()
     single = evaluate_adcc(model, explain, loader, use_labels=True, progress=False)
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path), str(tmp_path / "runs")), nprocs=2, join=True)
-    for rank in range(2):
+    mp.spawn(_rank, args=(world, _free_port(), str(tmp_path), str(tmp_path / "runs")), nprocs=world, join=True)
+    for rank in range(world):
         merged = torch.load(tmp_path / f"rank{rank}.pt")
         for name, value in vars(single).items():
             assert torch.equal(merged[name], value), f"rank {rank}: {name} differs"
@@ -60,7 +63,49 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     assert files == ["batch_00000.pt", "batch_00001.pt", "batch_00002.pt", "batch_00003.pt", "batch_00004.pt",
                      "manifest.json"]
     resumed = evaluate_adcc(model, explain, loader, use_labels=True, progress=False, checkpoint_dir=tmp_path / "runs")
-    assert torch.equal(resumed.adcc, single.adcc)  # one process resumes the two ranks' files
+    assert torch.equal(resumed.adcc, single.adcc)  # one process resumes the ranks' files
+
+
+ROUNDS = 40
+
+
+def _race_rank(rank: int, world: int, port: int, root: str) -> None:
+    """Every rank opens the same fresh folder at the same instant, ROUNDS times; then restarts a used one."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from captum_vit.metrics import CheckpointDirectory
+
+        identity = {"method": "reciprocam", "model": "m"}
+        for i in range(ROUNDS):
+            dist.barrier()
+            CheckpointDirectory(f"{root}/fresh{i}", identity).check_manifest(4)
+        # a folder of another run: restart deletes it once (rank 0), nobody deletes what others write next
+        dist.barrier()
+        folder = CheckpointDirectory(f"{root}/used", {"method": "agcam", "model": "m"}, restart=True)
+        folder.check_manifest(4)
+        folder.save(rank, "digest", {"value": torch.full((2,), float(rank))})
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_many_processes_start_a_checkpointed_run_in_one_fresh_folder(tmp_path, world):
+    from captum_vit.metrics import MANIFEST, CheckpointDirectory
+
+    old = CheckpointDirectory(tmp_path / "used", {"method": "reciprocam", "model": "m"})
+    old.check_manifest(4)
+    for index in range(6):
+        old.save(index, "digest", {"value": torch.zeros(2)})
+    mp.spawn(_race_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)  # raises on any rank's error
+    for i in range(ROUNDS):
+        files = sorted(p.name for p in (tmp_path / f"fresh{i}").iterdir())
+        assert files == [MANIFEST], f"round {i}: {files}"  # no temporary file left behind
+        assert json.loads((tmp_path / f"fresh{i}" / MANIFEST).read_text()) == {
+            "method": "reciprocam", "model": "m", "batch_size": 4}
+    used = sorted(p.name for p in (tmp_path / "used").iterdir())
+    assert used == [*(f"batch_{r:05d}.pt" for r in range(world)), MANIFEST]
+    assert json.loads((tmp_path / "used" / MANIFEST).read_text())["method"] == "agcam"
 
 
 def _evidence_setup():

@@ -17,7 +17,7 @@
 """
 
 from ._adcc import ADCCResult, adcc, adcc_score, pearson
-from ._checkpoint import CheckpointMismatchError
+from ._checkpoint import MANIFEST, CheckpointDirectory, CheckpointMismatchError
 from ._deletion import deletion_insertion
 from ._evaluate import evaluate_adcc, join_torchrun
 from ._evidence import bootstrap_interval, cascading_randomization, evidence_mass, rank_correlation, top_pixel_inside
@@ -44,7 +44,9 @@ __all__ = [
     "KnownEvidenceResult",
     "rank_correlation",
     "top_pixel_inside",
+    "CheckpointDirectory",
     "CheckpointMismatchError",
+    "MANIFEST",
     "as_explain_func",
     "box_localization",
     "boxes_from_map",

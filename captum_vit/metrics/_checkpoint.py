@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -82,13 +84,59 @@ def _qualified_name(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
+def _private_temporary(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other process or thread uses."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+
+
+def _write_once(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it exists; ``False`` if another writer was first.
+
+    The text goes to a private temporary file which is then linked to
+    ``path``: creation is atomic and exclusive, so processes starting a run in
+    one folder at the same instant never see half a file, and exactly one of
+    them writes it (the others then read and compare it). Where the file
+    system has no hard links, ``os.replace`` publishes it instead (still
+    atomic; identical identities make the last writer harmless).
+    """
+    tmp = _private_temporary(path)
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some network or FAT file systems)
+        os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _rank_and_barrier() -> "tuple[int, Any]":
+    """This process's rank and a barrier over the initialised ``torch.distributed`` group (else 0, a no-op)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.barrier
+    return 0, lambda: None
+
+
 class CheckpointDirectory:
     """One run's batch files and manifest.
+
+    Safe for many processes on one folder (``torchrun`` ranks): the manifest
+    is created exclusively by whichever process comes first and checked by
+    all; each batch file is written by the one process that computed it,
+    through a temporary file of its own.
 
     Args:
         path: the directory (created if missing).
         identity: what must match for files to be reused (JSON-serialisable).
         restart: delete this directory's manifest and batch files first.
+            Under an initialised ``torch.distributed`` group every rank must
+            construct the directory (a collective call): rank 0 deletes, and
+            the others wait for it, so no rank deletes another's new files.
     """
 
     def __init__(self, path: str | Path, identity: Dict[str, Any], restart: bool = False) -> None:
@@ -98,8 +146,11 @@ class CheckpointDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         self.identity = identity
         if restart:
-            for file in [self.path / MANIFEST, *self.path.glob(_BATCH_GLOB)]:
-                file.unlink(missing_ok=True)
+            rank, barrier = _rank_and_barrier()
+            if rank == 0:
+                for file in [self.path / MANIFEST, *self.path.glob(_BATCH_GLOB)]:
+                    file.unlink(missing_ok=True)
+            barrier()
         self._manifest_checked = False
 
     @property
@@ -122,30 +173,32 @@ class CheckpointDirectory:
         # the most telling difference first: what was run, on which weights, then how the data was cut
         order = ["method", "model", "batch_size"]
         expected = {k: expected[k] for k in [*order, *sorted(set(expected) - set(order))] if k in expected}
-        if self.manifest_path.exists():
-            try:
-                found = json.loads(self.manifest_path.read_text())
-            except (OSError, ValueError) as err:
+        if not self.manifest_path.exists():
+            if any(self.path.glob(_BATCH_GLOB)):
                 raise CheckpointMismatchError(
-                    f"{self.manifest_path} cannot be read ({err}); pass restart=True (CLI: --restart) to start over."
-                ) from None
-            for key, value in expected.items():
-                if found.get(key) != value:
-                    raise CheckpointMismatchError(
-                        f"{self.path} holds another run's results: {key} is {found.get(key)!r} there but "
-                        f"{value!r} now. Use another directory, or pass restart=True (CLI: --restart) to delete "
-                        "its results and start over."
-                    )
-        elif any(self.path.glob(_BATCH_GLOB)):
-            raise CheckpointMismatchError(
-                f"{self.path} holds batch files without {MANIFEST} (written by captum_vit < 0.3 or another tool), "
-                "so which run wrote them is unknown. Pass restart=True (CLI: --restart) to start over."
-            )
-        else:
-            tmp = self.manifest_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(expected, indent=2, sort_keys=True))
-            tmp.replace(self.manifest_path)
+                    f"{self.path} holds batch files without {MANIFEST} (written by captum_vit < 0.3 or another "
+                    "tool), so which run wrote them is unknown. Pass restart=True (CLI: --restart) to start over."
+                )
+            if _write_once(self.manifest_path, json.dumps(expected, indent=2, sort_keys=True)):
+                self._manifest_checked = first_batch_size is not None
+                return
+        self._compare_manifest(expected)  # an earlier run's, or another process's that was first
         self._manifest_checked = first_batch_size is not None
+
+    def _compare_manifest(self, expected: Dict[str, Any]) -> None:
+        try:
+            found = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointMismatchError(
+                f"{self.manifest_path} cannot be read ({err}); pass restart=True (CLI: --restart) to start over."
+            ) from None
+        for key, value in expected.items():
+            if found.get(key) != value:
+                raise CheckpointMismatchError(
+                    f"{self.path} holds another run's results: {key} is {found.get(key)!r} there but "
+                    f"{value!r} now. Use another directory, or pass restart=True (CLI: --restart) to delete "
+                    "its results and start over."
+                )
 
     def batch_path(self, index: int) -> Path:
         return self.path / f"batch_{index:05d}.pt"
@@ -182,9 +235,9 @@ class CheckpointDirectory:
 
     def save(self, index: int, inputs_digest: str, values: Dict[str, Tensor]) -> None:
         path = self.batch_path(index)
-        tmp = path.with_suffix(".tmp")
+        tmp = _private_temporary(path)
         torch.save(dict(values, inputs_digest=inputs_digest), tmp)
-        tmp.replace(path)  # atomic: a killed run never leaves half a batch
+        os.replace(tmp, path)  # atomic: a killed run never leaves half a batch
 
 
 def run_identity(

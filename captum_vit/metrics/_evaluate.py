@@ -82,16 +82,19 @@ def evaluate_adcc(
     results: Dict[int, ADCCResult] = {}
     bar = tqdm(loader, total=total, desc="ADCC", unit="batch", disable=not progress or rank != 0)
     for i, batch in enumerate(bar):
+        images, labels = _batch_images_labels(batch)
+        if checkpoints is not None and i == 0 and isinstance(images, Tensor):
+            # every rank sees batch 0, so every rank records the same batch size (its own first batch may be
+            # the shorter last one)
+            checkpoints.check_manifest(int(images.shape[0]))
         if i % world != rank:  # under torchrun, rank r explains batches r, r + world, ...
             continue
-        images, labels = _batch_images_labels(batch)
         if not isinstance(images, Tensor):
             raise TypeError(f"batch {i} of the loader holds {type(images).__name__}, not a tensor of images.")
         if use_labels and labels is None:
             raise ValueError("use_labels=True needs a loader of (images, labels) batches.")
         result = None
         if checkpoints is not None:
-            checkpoints.check_manifest(int(images.shape[0]))
             digest = tensor_digest(images, labels if use_labels else None)
             saved = checkpoints.load(i, digest, names)
             result = ADCCResult(**saved) if saved is not None else None
