@@ -66,6 +66,7 @@ def family_row(name: str) -> str:
     every = list(range(L))
     cells = [
         reciprocam(last),
+        reciprocam(last - 1),
         reciprocam(0),
         attention(AttentionGuidedGradCAM,
                   lambda b: families.literal_agcam(model, blocks, every, images[b], int(targets[b]), P)),
@@ -78,15 +79,16 @@ def family_row(name: str) -> str:
 
 def support_table() -> str:
     header = (
-        "| family (small random model) | prefix tokens | ViT-ReciproCAM, last block | ViT-ReciproCAM, first block "
-        "| AGCAM | Attention Rollout | Gradient Rollout |\n|---|---:|---|---|---|---|---|"
+        "| family (small random model) | prefix tokens | ViT-ReciproCAM, last block | ViT-ReciproCAM, second-last "
+        "block | ViT-ReciproCAM, first block | AGCAM | Attention Rollout | Gradient Rollout |\n"
+        "|---|---:|---|---|---|---|---|---|"
     )
     rows = []
     for name, (_, _, library) in families.FAMILIES.items():
         try:
             __import__(library)
         except ImportError:
-            rows.append(f"| {name} | | not measured: `{library}` is not installed | | | | |")
+            rows.append(f"| {name} | | not measured: `{library}` is not installed | | | | | |")
             continue
         rows.append(family_row(name))
     return "\n".join([header, *rows])

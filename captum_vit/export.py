@@ -16,8 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import agreement_tolerance, check_choice, minmax_normalize, relative_error
-from .adapters import Call, UnsupportedModelError, find_adapter
-from .reciprocam import KERNELS, RESIDUALS, SCORES, LayerReciproCAM, _fast_prefix_rows, reciprocal_masks
+from .adapters import HEAD_PREFIX_ONLY, Call, UnsupportedModelError, find_adapter
+from .reciprocam import (
+    KERNELS,
+    RESIDUALS,
+    SCORES,
+    LayerReciproCAM,
+    SharedProjections,
+    mask_levels,
+    reciprocal_masks,
+    prefix_block_rows,
+    score_copies,
+)
 
 TARGETS = ("predicted", "all")
 
@@ -60,10 +70,11 @@ class ExplainedViT(nn.Module):
         self,
         model: nn.Module,
         image_size: Optional[Tuple[int, int]] = None,
+        *,
         kernel: str = "gaussian",
         keep_prefix_tokens: bool = True,
         scores: str = "softmax",
-        residual: str = "normalized",
+        residual: str = "unmasked",
         targets: str = "predicted",
         normalize: bool = True,
     ) -> None:
@@ -78,6 +89,8 @@ class ExplainedViT(nn.Module):
         last = adapter.blocks[-1]
         self._cam = LayerReciproCAM(self.model, last)
         reason = self._cam.fast_path_unavailable_reason()
+        if adapter.head_reads != HEAD_PREFIX_ONLY:
+            reason = f"it needs a head that reads only prefix tokens, and the head reads {adapter.head_reads}"
         if reason is not None:
             raise UnsupportedModelError(f"ExplainedViT computes the exact fast path, which does not apply: {reason}.")
         self._view = adapter.block_view(last)
@@ -93,7 +106,10 @@ class ExplainedViT(nn.Module):
         self.targets = targets
         self.normalize = normalize
         masks = reciprocal_masks(self.grid, self.num_prefix_tokens, kernel, keep_prefix_tokens)
+        levels, level_index = mask_levels(masks)  # fixed here, so the forward has no data-dependent step
         self.register_buffer("masks", masks, persistent=False)
+        self.register_buffer("levels", levels, persistent=False)
+        self.register_buffer("level_index", level_index, persistent=False)
         self._verify()
 
     def forward(self, images: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -109,16 +125,14 @@ class ExplainedViT(nn.Module):
         view = self._view
         z = view.norm1(x)
         unmasked = view.forward(z, x, Call())[:, :P]  # the block's own output, prefix rows
-        source = z if self.options["residual"] == "normalized" else x
+        shared = SharedProjections(view.math, z, self.levels.to(z.dtype), Call())
         masks = self.masks.to(z.dtype)
-        copies = _fast_prefix_rows(view, z, source, masks, P, Call(), None, self.options["keep_prefix_tokens"])
+        copies = prefix_block_rows(view, x, shared, masks, self.level_index, P, self.options["residual"])
         rows = torch.cat([unmasked[:, None], copies], dim=1)  # (B, 1 + K, P, D)
         logits_all = self._adapter.forward_head_on_prefix(rows.reshape(B * (1 + h * w), P, -1))
         logits_all = logits_all.view(B, 1 + h * w, -1).float()
         logits = logits_all[:, 0]
-        values = logits_all[:, 1:]
-        if self.options["scores"] == "softmax":
-            values = values.softmax(-1)
+        values = score_copies(logits_all[:, 1:], self.options["scores"])
         if self.targets == "all" and target is None:
             maps = values.transpose(1, 2)  # (B, C, K)
         else:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._attention import AttentionExplainer, AttentionRecorder
 from ._utils import agreement_tolerance, relative_error
-from .adapters import LRPBlock, LRPHead, UnsupportedModelError
+from .adapters import LRPBlock, LRPHead, UnsupportedModelError, merge_heads, split_heads
 
 
 def safe_divide(a: Tensor, b: Tensor) -> Tensor:
@@ -75,16 +75,6 @@ def clone_relevance(x: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
     return x * (safe_divide(r1, x) + safe_divide(r2, x))
 
 
-def _split_heads(t: Tensor, heads: int) -> Tensor:
-    n, T, D = t.shape
-    return t.view(n, T, heads, D // heads).transpose(1, 2)
-
-
-def _merge_heads(t: Tensor) -> Tensor:
-    n, H, T, d = t.shape
-    return t.transpose(1, 2).reshape(n, T, H * d)
-
-
 def block_relevance(block: LRPBlock, x: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Relevance through one block, from its output back to its input.
 
@@ -101,9 +91,9 @@ def block_relevance(block: LRPBlock, x: Tensor, relevance: Tensor) -> Tuple[Tens
     """
     H = block.num_heads
     z1 = block.norm1(x)
-    q, k, v = (_split_heads(u, H) for u in block.qkv(z1).chunk(3, dim=-1))
+    q, k, v = (split_heads(u, H) for u in block.qkv(z1).chunk(3, dim=-1))
     weights = ((q * block.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    merged = _merge_heads(weights @ v)
+    merged = merge_heads(weights @ v)
     attention_out = block.proj(merged)
     x_mid = x + attention_out
     z2 = block.norm2(x_mid)
@@ -115,10 +105,10 @@ def block_relevance(block: LRPBlock, x: Tensor, relevance: Tensor) -> Tuple[Tens
     r_z2 = linear_relevance(z2, block.fc1.weight, linear_relevance(hidden, block.fc2.weight, r_mlp))  # act, norm2: through
     r_mid = clone_relevance(x_mid, r_mid, r_z2)
     r_x, r_attention = add_relevance(x, attention_out, r_mid)
-    r_merged = _split_heads(linear_relevance(merged, block.proj.weight, r_attention), H)
+    r_merged = split_heads(linear_relevance(merged, block.proj.weight, r_attention), H)
     r_weights, r_v = product_relevance(weights, v, r_merged)
     r_q, r_k_t = product_relevance(q, k.transpose(-2, -1), r_weights)  # softmax: through; the scale cancels
-    r_qkv = torch.cat([_merge_heads(r) for r in (r_q, r_k_t.transpose(-2, -1), r_v)], dim=-1)
+    r_qkv = torch.cat([merge_heads(r) for r in (r_q, r_k_t.transpose(-2, -1), r_v)], dim=-1)
     r_z1 = linear_relevance(z1, block.qkv.weight, r_qkv)  # norm1: through
     return clone_relevance(x, r_x, r_z1), r_weights, y
 

@@ -204,8 +204,9 @@ PREFIX = {
 }
 #: Families whose head never reads the class token: attention methods must refuse.
 PATCH_POOLED = {"timm ViT, avg pool (MAE-style)", "timm RoPE ViT (qk-norm, avg pool)"}
-#: Families whose head reads more than prefix tokens: no ReciproCAM fast path.
-NO_FAST_PATH = PATCH_POOLED | {"transformers Dinov2ForImageClassification", "transformers Dinov2WithRegisters (2 registers)"}
+#: Families whose head reads more than prefix tokens: the ReciproCAM fast path computes every row of the last block.
+READS_PATCH_ROWS = PATCH_POOLED | {"transformers Dinov2ForImageClassification",
+                                   "transformers Dinov2WithRegisters (2 registers)"}
 
 BINOMIAL = [[1, 2, 1], [2, 4, 2], [1, 2, 1]]
 
@@ -279,7 +280,14 @@ def _block_input(args, kwargs):
     return args[0] if args else next(iter(kwargs.values()))
 
 
-def literal_reciprocam(model, block, image, P, kernel="gaussian", keep_prefix=True, residual="normalized",
+def literal_residual(x: torch.Tensor, z_masked: torch.Tensor, mask: torch.Tensor, residual: str) -> torch.Tensor:
+    """The explained block's residual for one copy (docs/methods.md 1.3), written out."""
+    if residual == "unmasked":  # the authors' repository: norm1's output replaced, the skip connection untouched
+        return x
+    return z_masked if residual == "normalized" else x * mask[:, None]
+
+
+def literal_reciprocam(model, block, image, P, kernel="gaussian", keep_prefix=True, residual="unmasked",
                        scores="softmax", grid=(4, 4)):
     """``(C, h, w)`` scores: one image, one masked copy at a time, the rest of the model as it is."""
     out = []
@@ -288,8 +296,7 @@ def literal_reciprocam(model, block, image, P, kernel="gaussian", keep_prefix=Tr
         def replace(module, args, kwargs, output):
             x = _block_input(args, kwargs)
             z = literal_norm1(module, x) * mask[:, None]
-            r = z if residual == "normalized" else x * mask[:, None]
-            return literal_block(module, z, r, kwargs)
+            return literal_block(module, z, literal_residual(x, z, mask, residual), kwargs)
 
         handle = block.register_forward_hook(replace, with_kwargs=True)
         try:

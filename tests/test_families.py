@@ -9,7 +9,6 @@ import torch
 from conftest import assert_same_state, model_state
 from families import (
     FAMILIES,
-    NO_FAST_PATH,
     PATCH_POOLED,
     PREFIX,
     build,
@@ -36,28 +35,33 @@ def family(request):
     return request.param, model, blocks, images
 
 
-@pytest.mark.parametrize("which", ["last", "earlier"])
+BLOCKS = {"last": -1, "second last": -2, "first": 0}
+
+
+@pytest.mark.parametrize("which", list(BLOCKS))
 def test_reciprocam_equals_literal_reference(family, which):
+    """Every residual on both paths; the fast path is proven for every family and block, never a fallback."""
     name, model, blocks, images = family
     before = model_state(model)
-    index = len(blocks) - 1 if which == "last" else 0
+    index = BLOCKS[which] % len(blocks)
     explainer = LayerReciproCAM(model, blocks[index])
     targets = torch.tensor([3, 7])
     P = PREFIX[name]
-    for residual in ("normalized", "input"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the fast path must be proven, not fall back with a warning
-            got = explainer.attribute(images, target=targets, normalize=False, residual=residual)
-        expected_path = "fast" if which == "last" and name not in NO_FAST_PATH else "general"
-        assert explainer.last_path == expected_path
-        for b in range(2):
-            ref = literal_reciprocam(model, blocks[index], images[b], P, residual=residual)[targets[b]]
-            torch.testing.assert_close(got[b, 0], ref, **TOL)
-    # the paper's options, on the general path
-    got = explainer.attribute(images, target=targets, normalize=False, kernel="dirac", keep_prefix_tokens=False,
-                              scores="logits", path="general")
-    ref = literal_reciprocam(model, blocks[index], images[0], P, "dirac", False, "normalized", "logits")[3]
-    torch.testing.assert_close(got[0, 0], ref, **TOL)
+    for residual in ("unmasked", "normalized", "input"):
+        refs = [literal_reciprocam(model, blocks[index], images[b], P, residual=residual)[targets[b]] for b in range(2)]
+        for path in ("general", "auto"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the fast path must be proven, not fall back with a warning
+                got = explainer.attribute(images, target=targets, normalize=False, residual=residual, path=path)
+            assert explainer.last_path == ("general" if path == "general" else "fast")
+            for b in range(2):
+                torch.testing.assert_close(got[b, 0], refs[b], **TOL)
+    # the paper's options on both paths
+    ref = literal_reciprocam(model, blocks[index], images[0], P, "dirac", False, "unmasked", "logits")[3]
+    for path in ("general", "fast"):
+        got = explainer.attribute(images, target=targets, normalize=False, kernel="dirac", keep_prefix_tokens=False,
+                                  scores="logits", path=path)
+        torch.testing.assert_close(got[0, 0], ref, **TOL)
     assert_same_state(before, model_state(model))
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_model
-from families import literal_masks  # masks written out cell by cell
+from timm.layers import Attention
+from families import literal_masks, literal_residual  # masks and residuals written out
 
 from captum_vit import LayerReciproCAM
 from captum_vit.reciprocam import reciprocal_masks
 
+RESIDUALS = ("unmasked", "normalized", "input")
 
-def literal_reciprocam(model, block_index, image, kernel, keep_prefix, scores):
+
+def literal_reciprocam(model, block_index, image, kernel, keep_prefix, scores, residual="unmasked"):
     """One image, one masked copy at a time, through timm's own sub-modules."""
     with torch.no_grad():
         x = model.patch_embed(image[None])
@@ -25,7 +28,7 @@ def literal_reciprocam(model, block_index, image, kernel, keep_prefix, scores):
         out = []
         for mask in literal_masks(h, w, P, kernel, keep_prefix):
             zk = (z * mask[:, None])[None]
-            y = zk + block.ls1(block.attn(zk))
+            y = literal_residual(x, zk, mask, residual) + block.ls1(block.attn(zk))
             y = y + block.ls2(block.mlp(block.norm2(y)))
             for later in model.blocks[block_index + 1 :]:
                 y = later(y)
@@ -44,69 +47,76 @@ def test_general_path_equals_literal_reference(name, block):
     index = len(model.blocks) - 1 if block == "last" else len(model.blocks) - 3
     explainer = LayerReciproCAM(model, model.blocks[index])
     targets = torch.tensor([3, 7])
-    for kernel in ("gaussian", "dirac"):
-        for keep_prefix in (True, False):
-            for scores in ("logits", "softmax"):
+    for residual in RESIDUALS:
+        for kernel in ("gaussian", "dirac"):
+            for keep_prefix in (True, False):
+                scores = "logits" if keep_prefix else "softmax"
                 got = explainer.attribute(
-                    images, target=targets, kernel=kernel, keep_prefix_tokens=keep_prefix,
+                    images, target=targets, kernel=kernel, keep_prefix_tokens=keep_prefix, residual=residual,
                     scores=scores, normalize=False, path="general", batch_size=37,
                 )
                 for b in range(images.shape[0]):
-                    ref = literal_reciprocam(model, index, images[b], kernel, keep_prefix, scores)[targets[b]]
-                    torch.testing.assert_close(got[b, 0], ref, atol=1e-5, rtol=1e-5)
+                    ref = literal_reciprocam(model, index, images[b], kernel, keep_prefix, scores, residual)
+                    torch.testing.assert_close(got[b, 0], ref[targets[b]], atol=1e-5, rtol=1e-5)
 
 
-FAST_MODELS = ["deit_tiny", "deit_tiny_distilled", "vit_reg4", "vit_nonsquare", "vit_qknorm_layerscale", "vit_gated"]
+FAST_MODELS = ["deit_tiny", "deit_tiny_distilled", "vit_reg4", "vit_avgpool", "vit_nonsquare",
+               "vit_qknorm_layerscale", "vit_gated"]
 
 
 @pytest.mark.parametrize("name", FAST_MODELS)
-def test_fast_path_equals_general_path(name):
+@pytest.mark.parametrize("block", [-1, -2, -3])
+def test_fast_path_equals_general_path(name, block):
     model, images = make_model(name)
-    explainer = LayerReciproCAM(model, model.blocks[-1])
+    explainer = LayerReciproCAM(model, model.blocks[block])
     assert explainer.fast_path_unavailable_reason() is None
-    for kernel in ("gaussian", "dirac"):
-        for keep_prefix in (True, False):
-            kw = dict(kernel=kernel, keep_prefix_tokens=keep_prefix, scores="logits", normalize=False)
-            fast = explainer.attribute_all_classes(images, path="fast", batch_size=23, **kw)
-            general = explainer.attribute_all_classes(images, path="general", **kw)
-            torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-5)
+    for residual in RESIDUALS:
+        for kernel in ("gaussian", "dirac"):
+            for keep_prefix in (True, False):
+                kw = dict(kernel=kernel, keep_prefix_tokens=keep_prefix, scores="logits", normalize=False,
+                          residual=residual)
+                fast = explainer.attribute_all_classes(images, path="fast", batch_size=23, **kw)
+                general = explainer.attribute_all_classes(images, path="general", **kw)
+                torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-5)
 
 
 def test_fast_path_matches_literal_reference_at_224(deit_tiny_224):
     images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
-    explainer = LayerReciproCAM(deit_tiny_224, deit_tiny_224.blocks[-1])
-    got = explainer.attribute(images, target=4, normalize=False, path="auto")
-    assert explainer.last_path == "fast"
-    ref = literal_reciprocam(deit_tiny_224, 11, images[0], "gaussian", True, "softmax")[4]
-    assert got.shape == (1, 1, 14, 14)
-    torch.testing.assert_close(got[0, 0], ref, atol=1e-5, rtol=1e-5)
+    for block in (11, 10):  # the last block, and the authors' second-last one
+        explainer = LayerReciproCAM(deit_tiny_224, deit_tiny_224.blocks[block])
+        got = explainer.attribute(images, target=4, normalize=False, path="auto")
+        assert explainer.last_path == "fast"
+        ref = literal_reciprocam(deit_tiny_224, block, images[0], "gaussian", True, "softmax")[4]
+        assert got.shape == (1, 1, 14, 14)
+        torch.testing.assert_close(got[0, 0], ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "name, block, expected",
-    [
-        ("vit_avgpool", -1, "the head reads patch tokens"),
-        ("deit_tiny", -2, "not the last one"),
-    ],
-)
-def test_fallback_is_taken_where_fast_path_is_not_exact(name, block, expected):
-    model, images = make_model(name)
-    explainer = LayerReciproCAM(model, model.blocks[block])
-    assert expected in explainer.fast_path_unavailable_reason()
+class _OwnAttention(Attention):
+    """A subclass of timm's Attention: it may compute anything, so captum_vit has no explicit form of it."""
+
+
+def test_fallback_is_taken_where_the_fast_path_has_no_explicit_attention():
+    model, images = make_model("deit_tiny")
+    own = _OwnAttention(192, num_heads=3, qkv_bias=True)
+    own.load_state_dict(model.blocks[-2].attn.state_dict())
+    model.blocks[-2].attn = own.eval()
+    explainer = LayerReciproCAM(model, model.blocks[-2])
+    assert "_OwnAttention has no explicit form" in explainer.fast_path_unavailable_reason()
     with pytest.raises(ValueError, match="not exact"):
         explainer.attribute(images, path="fast")
     auto = explainer.attribute(images, path="auto", normalize=False)
-    general = explainer.attribute(images, path="general", normalize=False)
-    torch.testing.assert_close(auto, general)
+    assert explainer.last_path == "general"
+    torch.testing.assert_close(auto, explainer.attribute(images, path="general", normalize=False))
 
 
-def test_auto_falls_back_when_forward_func_reads_patch_tokens():
+@pytest.mark.parametrize("block", [-1, -2])
+def test_auto_falls_back_when_forward_func_reads_patch_tokens(block):
     model, images = make_model("deit_tiny")
 
     def mean_token_head(x):  # reads every token after the last block
         return model.head(model.forward_features(x).mean(dim=1))
 
-    explainer = LayerReciproCAM(mean_token_head, model.blocks[-1], vit=model)
+    explainer = LayerReciproCAM(mean_token_head, model.blocks[block], vit=model)
     with pytest.warns(UserWarning, match="fast path not used: forward_func's output depends on patch tokens"):
         auto = explainer.attribute(images, target=1, normalize=False)
     assert explainer.last_path == "general"
@@ -139,12 +149,14 @@ def test_normalized_maps_are_min_max_scaled():
     assert maps.min() >= 0 and maps.max() <= 1
 
 
-def test_chunking_does_not_change_results():
+@pytest.mark.parametrize("path", ["general", "fast"])
+def test_chunking_does_not_change_results(path):
     model, images = make_model("deit_tiny")
     explainer = LayerReciproCAM(model, model.blocks[-2])
-    whole = explainer.attribute(images, target=[1, 2], normalize=False, batch_size=10_000)
+    whole = explainer.attribute(images, target=[1, 2], normalize=False, batch_size=10_000, path=path)
     for size in (1, 7, 50, 51):
-        torch.testing.assert_close(explainer.attribute(images, target=[1, 2], normalize=False, batch_size=size), whole)
+        chunked = explainer.attribute(images, target=[1, 2], normalize=False, batch_size=size, path=path)
+        torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
 
 def test_all_classes_and_2d_targets_from_one_pass():

@@ -27,6 +27,9 @@ from ._base import (
     LRPHead,
     UnsupportedModelError,
     ViTAdapter,
+    merge_heads,
+    split_call,
+    split_heads,
 )
 from .hf_transformers import HFViTAdapter
 from .open_clip_vit import OpenClipViTAdapter
@@ -38,7 +41,7 @@ from .torchvision_vit import TorchvisionViTAdapter
 __all__ = [
     "ADAPTERS", "AttentionMath", "BlockView", "Call", "LRPBlock", "LRPHead", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
     "HEAD_PREFIX_ONLY", "HEAD_UNKNOWN", "UnsupportedModelError", "ViTAdapter", "check_runtime",
-    "eager_forward_func", "find_adapter", "supported_families",
+    "eager_forward_func", "find_adapter", "merge_heads", "split_call", "split_heads", "supported_families",
 ]
 
 #: Every family, most specific first.

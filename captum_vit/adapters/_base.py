@@ -64,7 +64,13 @@ class UnsupportedModelError(TypeError, ValueError):
     """
 
 
-def _merge_heads(o: Tensor) -> Tensor:
+def split_heads(u: Tensor, num_heads: int) -> Tensor:
+    """``(B, T, H*d)`` -> ``(B, H, T, d)``."""
+    B, T, width = u.shape
+    return u.view(B, T, num_heads, width // num_heads).transpose(1, 2)
+
+
+def merge_heads(o: Tensor) -> Tensor:
     """``(B, H, T, d)`` -> ``(B, T, H*d)``."""
     B, H, T, d = o.shape
     return o.transpose(1, 2).reshape(B, T, H * d)
@@ -84,13 +90,12 @@ class AttentionMath:
         \\text{out} = \\mathrm{finish}(A v).
 
     ``project`` and ``finish`` must act on each token on its own (no mixing
-    across tokens): the ReciproCAM fast path relies on that and the fast path's
+    across tokens): the ReciproCAM fast paths rely on that and their
     behavioural check verifies it.
     """
 
-    #: ``project`` is affine in its input (linear maps, biases, rotary
-    #: embeddings; no q/k norm), which lets the fast path project once
-    affine: bool = True
+    #: :meth:`finish` reads the module input ``x`` (a gate does); ``False`` lets callers pass ``None``
+    finish_reads_input: bool = True
 
     def __init__(self, module: nn.Module, num_heads: int, head_dim: int, scale: float) -> None:
         self.module = module
@@ -118,12 +123,22 @@ class AttentionMath:
         """``(B, T, D)`` -> query, key, value, each ``(B, H, T, d)``."""
         raise NotImplementedError
 
+    def project_rows(self, x: Tensor, call: Call, rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """The queries of the first ``rows`` tokens, ``(B, H, rows, d)``, and every key and value.
+
+        The default projects every token and keeps the wanted queries; a
+        family whose projections can be cut (e.g. a fused ``qkv``) saves the rest.
+        """
+        q, k, v = self.project(x, call)
+        return q[:, :, :rows], k, v
+
     def score_bias(self, call: Call) -> Optional[Tensor]:
         """An additive ``(..., H, T, T)`` bias of the scores, or ``None``."""
         return None
 
-    def finish(self, merged: Tensor, x: Tensor) -> Tensor:
-        """``(B, T, H*d)`` head outputs (and the module input ``x``) -> module output."""
+    def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
+        """``(B, T, H*d)`` head outputs (and the module input ``x``, ``None`` unless :attr:`finish_reads_input`)
+        -> module output."""
         raise NotImplementedError
 
     def attention_dropout(self, weights: Tensor) -> Tensor:
@@ -139,8 +154,22 @@ class AttentionMath:
     # -- written once -------------------------------------------------------
     def split_heads(self, u: Tensor) -> Tensor:
         """``(B, T, H*d)`` -> ``(B, H, T, d)``."""
-        B, T, _ = u.shape
-        return u.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        return split_heads(u, self.num_heads)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """``softmax(q k^T * scale + bias) v``: ``(B, H, R, d)`` from ``R`` queries and ``T`` keys.
+
+        In eval mode PyTorch's fused ``scaled_dot_product_attention`` computes
+        it without materialising the ``(B, H, R, T)`` weights; in training mode
+        the weights are explicit so the module's attention dropout applies.
+        """
+        if not self.module.training:
+            mask = None if bias is None else bias.to(q.dtype)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
+        return self.attention_dropout(scores.softmax(dim=-1)) @ v
 
     def explicit(
         self, x: Tensor, call: Call, leaf_rows: Optional[int] = None
@@ -173,115 +202,14 @@ class AttentionMath:
             weights = scores.softmax(dim=-1)
         if leaf_rows is None:
             out = self.attention_dropout(weights) @ v
-            return self.finish(_merge_heads(out), x), scores, weights
+            return self.finish(merge_heads(out), x), scores, weights
         # the leaf rows' product separately: d out / d leaf then costs (B, H, leaf_rows, T), not a
         # full (B, H, T, T) gradient of which the leaf's would be a view
         leaf = weights[:, :, :leaf_rows].detach().clone().requires_grad_(True)  # a copy: a view would keep all of A
         with torch.no_grad():
             rest = self.attention_dropout(weights[:, :, leaf_rows:]) @ v
         out = torch.cat([self.attention_dropout(leaf) @ v, rest], dim=2)
-        return self.finish(_merge_heads(out), x), scores, leaf
-
-    def prefix_rows(
-        self,
-        z: Tensor,
-        masks: Tensor,
-        num_prefix: int,
-        call: Call,
-        chunk: Optional[int] = None,
-        keep_prefix: Optional[bool] = None,
-    ) -> Tensor:
-        """Attention output of the prefix rows of every masked copy, exactly.
-
-        Args:
-            z: ``(n, T, D)`` unmasked attention input.
-            masks: ``(c, T)`` token masks; copy ``j`` is ``z * masks[j][:, None]``.
-            num_prefix: ``P``, the prefix rows wanted (every mask holds the same
-                value, 0 or 1, on all of them).
-            call: the rest of the module's call.
-            chunk: copies whose attention rows are computed together (memory
-                bound: ``n * chunk * H * P * T`` scores); ``None``: all. The
-                projections are computed once whatever the chunk.
-            keep_prefix: whether the masks keep the prefix rows (1) or zero
-                them; ``None`` reads it from ``masks`` (a data-dependent branch
-                that ``torch.export`` cannot trace, hence the option).
-
-        Returns:
-            ``(n, c, P, D)``: rows ``:P`` of the module's output on each copy.
-
-        A mask scales whole tokens and ``project`` acts per token, so copy
-        ``j``'s key and value of token ``t`` are the projections of
-        ``masks[j, t] * z_t``. When the projections are affine (linear maps,
-        biases, rotary embeddings) the projections of ``z`` and of zeros give
-        every copy's keys and values; otherwise (q/k norms) masks take few
-        distinct values (0, 1/16, 1/8, 1/4, 1), so every token is projected
-        once per value and gathered per copy. Either way a copy costs ``P``
-        queries against ``T`` keys instead of the full ``T x T`` attention.
-        """
-        n, T, _ = z.shape
-        c = masks.shape[0]
-        H, d = self.num_heads, self.head_dim
-        prefix_value = masks[0, 0]  # masks agree on every prefix row: 0 or 1
-        keep_prefix = bool(prefix_value == 1) if keep_prefix is None else keep_prefix
-        bias = self.score_bias(call)
-        bias = None if bias is None else bias[..., :num_prefix, None, :]
-        mix = (self._affine_prefix_mix if self.affine else self._level_prefix_mix)(z, masks, num_prefix, call, keep_prefix)
-        step = c if chunk is None else max(1, chunk)
-        mixed = torch.cat([mix(masks[start : start + step], bias) for start in range(0, c, step)], dim=3)
-        merged = mixed.permute(0, 3, 2, 1, 4).reshape(n * c, num_prefix, H * d)  # (n, H, P, c, d) -> copies
-        z_prefix = (prefix_value * z[:, :num_prefix]).repeat_interleave(c, dim=0)
-        return self.finish(merged, z_prefix).view(n, c, num_prefix, -1)
-
-    def _affine_prefix_mix(
-        self, z: Tensor, masks: Tensor, P: int, call: Call, keep_prefix: bool
-    ) -> Callable[..., Tensor]:
-        """Affine projections: ``k(m z_t) = k0_t + m (k1_t - k0_t)``, likewise ``v``.
-
-        Scores are ``q.k0_t + m_t q.(k1_t - k0_t)`` and the mix is
-        ``A v0 + (A * m)(v1 - v0)``: two products serve every copy. Returns
-        the mix of a chunk of masks, ``(n, H, P, c, d)``.
-        """
-        q1, k1, v1 = self.project(z, call)
-        q0, k0, v0 = self.project(torch.zeros_like(z[:1]), call)  # (1, H, T, d): biases, rotations
-        q = (q1 if keep_prefix else q0.expand_as(q1))[:, :, :P] * self.scale  # (n, H, P, d)
-        base = (q @ k0.transpose(-2, -1))[:, :, :, None, :]  # (n, H, P, 1, T)
-        slope = (q @ (k1 - k0).transpose(-2, -1))[:, :, :, None, :]
-        dv = v1 - v0
-
-        def mix(part: Tensor, bias: Optional[Tensor]) -> Tensor:
-            scores = base + slope * part  # (n, H, P, c, T)
-            if bias is not None:
-                scores = scores + bias
-            weights = self.attention_dropout(scores.softmax(dim=-1))
-            return weights @ v0[:, :, None] + (weights * part) @ dv[:, :, None]
-
-        return mix
-
-    def _level_prefix_mix(
-        self, z: Tensor, masks: Tensor, P: int, call: Call, keep_prefix: bool
-    ) -> Callable[..., Tensor]:
-        """Any per-token projection (q/k norms): project once per distinct mask value, gather per copy."""
-        T = z.shape[1]
-        levels = torch.unique(masks)  # (V,)
-        qkv = [self.project(level * z, call) for level in levels]
-        first = int((levels == masks[0, 0]).nonzero()[0, 0])
-        q = qkv[first][0][:, :, :P] * self.scale  # (n, H, P, d)
-        level_scores = torch.stack([q @ k.transpose(-2, -1) for _, k, _ in qkv]).permute(0, 4, 1, 2, 3)  # (V, T, ...)
-
-        def mix(part: Tensor, bias: Optional[Tensor]) -> Tensor:
-            level_of = torch.searchsorted(levels, part)  # (c, T): exact, the values are levels
-            token = torch.arange(T, device=z.device).expand_as(level_of)
-            scores = level_scores[level_of, token].permute(2, 3, 4, 0, 1)  # (n, H, P, c, T)
-            if bias is not None:
-                scores = scores + bias
-            weights = self.attention_dropout(scores.softmax(dim=-1))
-            mixed = 0
-            for value, (_, _, v) in enumerate(qkv):  # sum_t A_jt v_t(value of copy j at t)
-                chosen = (level_of == value).to(weights.dtype)  # (c, T)
-                mixed = mixed + (weights * chosen) @ v[:, :, None]
-            return mixed
-
-        return mix
+        return self.finish(merge_heads(out), x), scores, leaf
 
 
 @dataclass

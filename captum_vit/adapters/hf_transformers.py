@@ -21,7 +21,7 @@ ViTModel, DeiTModel, Dinov2Model       model    ``pooler_output`` or the tokens
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Optional, Any, Dict, List, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -60,6 +60,8 @@ def _hf_class(module: nn.Module, names: Sequence[str]) -> bool:
 class HFAttentionMath(AttentionMath):
     """transformers 5 self-attention: ``q_proj``/``k_proj``/``v_proj`` -> softmax -> ``o_proj``."""
 
+    finish_reads_input = False
+
     def __init__(self, module: nn.Module) -> None:
         heads = getattr(module, "num_attention_heads", None) or getattr(module, "num_heads")
         scale = getattr(module, "scaling", None) or getattr(module, "scale")
@@ -78,7 +80,7 @@ class HFAttentionMath(AttentionMath):
         m = self.module
         return self.split_heads(m.q_proj(x)), self.split_heads(m.k_proj(x)), self.split_heads(m.v_proj(x))
 
-    def finish(self, merged: Tensor, x: Tensor) -> Tensor:
+    def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         return self.out_proj(merged)
 
     def wrap_output(self, original: Any, out: Tensor) -> Any:

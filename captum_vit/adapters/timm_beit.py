@@ -20,6 +20,8 @@ from .timm_vit import TimmAdapter
 class BeitAttentionMath(AttentionMath):
     """BEiT ``Attention``: ``qkv`` with q/v biases, scores plus (shared) relative-position bias."""
 
+    finish_reads_input = False
+
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module, module.num_heads, module.qkv.weight.shape[0] // (3 * module.num_heads), module.scale)
 
@@ -41,7 +43,7 @@ class BeitAttentionMath(AttentionMath):
             bias = shared if bias is None else bias + shared
         return bias
 
-    def finish(self, merged: Tensor, x: Tensor) -> Tensor:
+    def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         return self.module.proj_drop(self.module.proj(merged))
 
     def attention_dropout(self, weights: Tensor) -> Tensor:

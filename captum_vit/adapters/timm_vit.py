@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Tuple
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import (
@@ -32,17 +33,28 @@ class TimmAttentionMath(AttentionMath):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module, module.num_heads, module.head_dim, module.scale)
-        self.affine = isinstance(module.q_norm, nn.Identity) and isinstance(module.k_norm, nn.Identity)
+        self.finish_reads_input = getattr(module, "gate", None) is not None
 
     def project(self, x: Tensor, call: Call) -> Tuple[Tensor, Tensor, Tensor]:
         m = self.module
         q, k, v = (self.split_heads(u) for u in m.qkv(x).chunk(3, dim=-1))
         return m.q_norm(q), m.k_norm(k), v
 
-    def finish(self, merged: Tensor, x: Tensor) -> Tensor:
+    def project_rows(self, x: Tensor, call: Call, rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+        m = self.module
+        if type(self) is not TimmAttentionMath or type(m.qkv) is not nn.Linear:  # a LoRA qkv: call the module itself
+            return super().project_rows(x, call, rows)
+        width = m.qkv.out_features // 3
+        weight, bias = m.qkv.weight, m.qkv.bias
+        q = F.linear(x[:, :rows], weight[:width], None if bias is None else bias[:width])
+        kv = F.linear(x, weight[width:], None if bias is None else bias[width:])
+        k, v = (self.split_heads(u) for u in kv.chunk(2, dim=-1))
+        return m.q_norm(self.split_heads(q)), m.k_norm(k), v
+
+    def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         m = self.module
         out = m.norm(merged)
-        if m.gate is not None:
+        if getattr(m, "gate", None) is not None:
             out = out * m.gate(x).sigmoid()
         return m.proj_drop(m.proj(out))
 
@@ -104,7 +116,8 @@ class TimmBlockView(BlockView):
         b, m = self.block, self.block.attn
         plain = (
             isinstance(self.math, TimmAttentionMath)
-            and self.math.affine
+            and isinstance(m.q_norm, nn.Identity)
+            and isinstance(m.k_norm, nn.Identity)
             and isinstance(m.norm, nn.Identity)
             and m.gate is None
             and all(isinstance(getattr(b, name, nn.Identity()), nn.Identity) for name in ("ls1", "ls2"))

@@ -7,7 +7,7 @@ The class token is the only prefix token and the head reads it alone.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Optional, Any, Dict, List, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +17,8 @@ from ._base import HEAD_PREFIX_ONLY, AttentionMath, BlockView, Call, Unsupported
 
 class MultiheadAttentionMath(AttentionMath):
     """PyTorch ``nn.MultiheadAttention`` used as batch-first self-attention."""
+
+    finish_reads_input = False
 
     def __init__(self, module: nn.MultiheadAttention) -> None:
         if not module.batch_first or not module._qkv_same_embed_dim or module.bias_k is not None:
@@ -41,7 +43,7 @@ class MultiheadAttentionMath(AttentionMath):
         q, k, v = (self.split_heads(t) for t in u.chunk(3, dim=-1))
         return q, k, v
 
-    def finish(self, merged: Tensor, x: Tensor) -> Tensor:
+    def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         return self.module.out_proj(merged)
 
     def attention_dropout(self, weights: Tensor) -> Tensor:

@@ -1,0 +1,24 @@
+"""ViT-ReciproCAM: :class:`LayerReciproCAM` over one engine (masks, copy plan, two exact strategies).
+
+- :mod:`._masks`: the token masks and their levels;
+- :mod:`._plan`: which copies of which images one forward pass carries;
+- :mod:`._copies`: what a masked copy of a block computes (the three
+  residuals; projections shared by all copies; prefix rows only);
+- :mod:`._engine`: the strategies, their proof by behaviour, the scores;
+- :mod:`._layer`: Captum's contract (:class:`LayerReciproCAM`).
+
+:class:`captum_vit.export.ExplainedViT` builds its hook-free forward from
+the same pieces.
+"""
+
+from ._copies import RESIDUALS, SharedProjections, copy_block_rows, prefix_block_rows, residual_rows
+from ._engine import PATHS, SCORES, ReciproCAMEngine, ReciproCAMOptions, score_copies
+from ._layer import LayerReciproCAM
+from ._masks import GAUSSIAN_3X3, KERNELS, mask_levels, reciprocal_masks
+from ._plan import CopySelection, plan_copies
+
+__all__ = [
+    "CopySelection", "GAUSSIAN_3X3", "KERNELS", "LayerReciproCAM", "PATHS", "RESIDUALS", "ReciproCAMEngine",
+    "ReciproCAMOptions", "SCORES", "SharedProjections", "mask_levels", "plan_copies", "reciprocal_masks",
+    "copy_block_rows", "prefix_block_rows", "residual_rows", "score_copies",
+]

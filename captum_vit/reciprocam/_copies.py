@@ -1,0 +1,217 @@
+"""What the masked copies of one block compute, exactly, with what they share computed once.
+
+A mask scales whole tokens, and a block's attention projects each token on
+its own (``AttentionMath.project`` is per token), so token ``t`` of copy
+``j`` is projected from ``m_jt * z_t``: with ``V`` distinct mask values
+(five for the gaussian kernel, two for dirac) the ``V`` projections of
+``level * z`` give the queries, keys and values of every copy
+(:class:`SharedProjections`). Each copy then costs its attention and the rest
+of the block for the rows that are wanted, and nothing for the projections.
+
+The three residuals of the explained block (docs/methods.md 1.3):
+
+- ``"unmasked"``: the block's own input ``X`` (the paper's text and the
+  authors' repository, which replaces ``norm1``'s output, so the block's
+  skip connection carries ``X`` unchanged);
+- ``"normalized"``: the masked normalised input ``Z * M`` (OpenVINO
+  Training Extensions 1.x);
+- ``"input"``: the masked block input ``X * M`` (OpenVINO XAI 1.1).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..adapters import AttentionMath, BlockView, Call, merge_heads
+
+RESIDUALS = ("unmasked", "normalized", "input")
+
+
+def residual_rows(x: Tensor, z: Tensor, masks: Tensor, rows: int, residual: str) -> Tensor:
+    """``(n, c, rows, D)``: the first ``rows`` rows of each copy's residual.
+
+    Args:
+        x: ``(n, T, D)`` block input; z: its normalised form.
+        masks: ``(c, T)`` the copies' token masks.
+        rows: how many leading rows are wanted (``P`` or ``T``).
+        residual: one of :data:`RESIDUALS`.
+    """
+    n, _, D = x.shape
+    if residual == "unmasked":
+        return x[:, None, :rows].expand(n, masks.shape[0], rows, D)
+    source = z if residual == "normalized" else x
+    return source[:, None, :rows] * masks[None, :, :rows, None]
+
+
+def masked_block(view: BlockView, x: Tensor, z: Tensor, masks: Tensor, residual: str, call: Call) -> Tensor:
+    """``(n, c, T, D)``: the block re-run on every masked copy through its own modules (the general path)."""
+    n, T, D = x.shape
+    zk = (z[:, None] * masks[None, :, :, None]).reshape(-1, T, D)
+    rk = residual_rows(x, z, masks, T, residual).reshape(-1, T, D)
+    return view.forward(zk, rk, call).view(n, -1, T, D)
+
+
+class SharedProjections:
+    """The queries, keys and values of one attention input ``z`` at every mask level, projected once.
+
+    Args:
+        math: the attention's explicit form.
+        z: ``(n, T, D)`` unmasked attention input.
+        levels: ``(V,)`` the masks' distinct values (:func:`mask_levels`).
+        call: the rest of the attention module's call (RoPE, a bias).
+
+    :meth:`rows` gives the attention output at chosen query rows of each
+    copy. A few rows per copy (the prefix rows, or the distinct rows of
+    :func:`distinct_rows`) are scored against every key at every level once
+    and each copy picks its levels by a gather; many rows gather each copy's
+    own keys and values for PyTorch's fused attention.
+    """
+
+    def __init__(self, math: AttentionMath, z: Tensor, levels: Tensor, call: Call) -> None:
+        self.math = math
+        self.z = z
+        projected = [math.project(level * z, call) for level in levels]
+        # (n, T, V, H, d): a copy's tokens are gathered by (token, level) in one pass, in the layout attention reads
+        self.q, self.k, self.v = (torch.stack([p[i].transpose(1, 2) for p in projected], dim=2) for i in range(3))
+        self.bias = math.score_bias(call)
+        self.levels = levels
+
+    @functools.cached_property
+    def zero_rows_alike(self) -> bool:
+        """Every zeroed token has the same query and no position bias tells them apart (no RoPE, no relative
+        bias), so all zeroed rows of a copy have one attention output. Read from the projections themselves
+        (only where every row is wanted: a data-dependent branch that ``torch.export`` cannot trace)."""
+        q0 = self.q[:, :, 0]
+        return bool(self.levels[0] == 0) and self.bias is None and torch.equal(q0, q0[:, :1].expand_as(q0))
+
+    def rows(self, image: int, masks: Tensor, level_index: Tensor, query_rows: Tensor) -> Tensor:
+        """``(c, r, D)``: the module's output at rows ``query_rows[j]`` (``(c, r)``) of each copy ``z[image] * masks[j]``."""
+        T, V = self.k.shape[1:3]
+        few = query_rows.shape[1] * V <= T // 2  # scoring every level costs less than gathering keys and values
+        out = (self._scored if few else self._gathered)(image, level_index, query_rows)
+        module_input = None
+        if self.math.finish_reads_input:
+            module_input = self.z[image][query_rows] * masks.gather(1, query_rows)[..., None]
+        return self.math.finish(merge_heads(out), module_input)
+
+    def _queries(self, image: int, level_index: Tensor, query_rows: Tensor) -> Tensor:
+        return self.q[image][query_rows, level_index.gather(1, query_rows)].transpose(1, 2)  # (c, H, r, d)
+
+    def _row_bias(self, query_rows: Tensor) -> Optional[Tensor]:
+        """The score bias at each copy's query rows: ``(c, H, r, T)`` (or ``None``)."""
+        if self.bias is None:
+            return None
+        bias = self.bias.reshape(-1, *self.bias.shape[-2:])  # (H or 1, T, T)
+        return bias[:, query_rows].transpose(0, 1)
+
+    def _gathered(self, image: int, level_index: Tensor, query_rows: Tensor) -> Tensor:
+        """Each copy's own keys and values, fused attention: ``(c, H, r, d)``."""
+        c, T = level_index.shape
+        token = torch.arange(T, device=level_index.device).expand(c, T)
+        k = self.k[image][token, level_index].transpose(1, 2)
+        v = self.v[image][token, level_index].transpose(1, 2)
+        return self.math.attend(self._queries(image, level_index, query_rows), k, v, self._row_bias(query_rows))
+
+    def _scored(self, image: int, level_index: Tensor, query_rows: Tensor) -> Tensor:
+        """Scores against the keys of every level, each copy's picked by a gather: ``(c, H, r, d)``."""
+        c, T = level_index.shape
+        _, _, V, H, d = self.k.shape
+        q = self._queries(image, level_index, query_rows) * self.math.scale
+        keys = self.k[image].reshape(T * V, H, d)
+        every = torch.einsum("chrd,khd->chrk", q, keys)  # (c, H, r, T * V): token t at level l is column t*V + l
+        column = torch.arange(T, device=level_index.device) * V + level_index  # (c, T)
+        scores = every.gather(3, column[:, None, None].expand(c, H, q.shape[2], T))
+        bias = self._row_bias(query_rows)
+        weights = self.math.attention_dropout((scores if bias is None else scores + bias).softmax(dim=-1))
+        r = weights.shape[2]
+        weights = weights.transpose(0, 1).reshape(H, c * r, T)  # one product per head and level, no broadcast copy
+        out = 0
+        for level in range(V):  # sum_t A_jt v_t(level of copy j at t)
+            chosen = (level_index == level).to(weights.dtype)[:, None].expand(c, r, T).reshape(c * r, T)
+            out = out + (weights * chosen) @ self.v[image, :, level].transpose(0, 1)  # (H, T, d)
+        return out.view(H, c, r, d).transpose(0, 1)
+
+
+def distinct_rows(masks: Tensor) -> "tuple[Tensor, Tensor, Tensor]":
+    """The rows whose attention can differ within each copy, when all zeroed rows are alike.
+
+    Returns ``(distinct, slot, first_zero)``: ``(c, r')`` row indices per copy
+    (its nonzero rows in order, then zero rows, ``r'`` = most nonzero rows +
+    1), ``(c, R)`` the position in ``distinct`` that holds each row's output,
+    and ``(c,)`` the position of the copy's first zero row (of a nonzero row
+    when a copy has none, which then covers every row).
+    """
+    nonzero = masks != 0
+    count = nonzero.sum(1)
+    order = (~nonzero).to(torch.uint8).argsort(dim=1, stable=True)  # nonzero rows first, then zero rows, in order
+    width = min(masks.shape[1], int(count.max()) + 1)
+    first_zero = count.clamp(max=width - 1)
+    slot = torch.where(nonzero, nonzero.cumsum(1) - 1, first_zero[:, None].expand_as(nonzero))
+    return order[:, :width], slot, first_zero
+
+
+def copy_block_rows(
+    view: BlockView, x: Tensor, shared: SharedProjections, image: int, masks: Tensor, level_index: Tensor,
+    residual: str, out: Tensor,
+) -> None:
+    """Write the block's output on each masked copy of image ``image`` into ``out`` (``(c, T, D)``), exactly.
+
+    The attention comes from :class:`SharedProjections`; the residual, the
+    layer scale and the MLP act on each token alone (``view.finish``). Where
+    all zeroed rows are alike, attention runs once per distinct row; with a
+    masked residual the zeroed rows stay alike through the whole block, so
+    the MLP too runs once per distinct row.
+    """
+    c, T = masks.shape
+    if not shared.zero_rows_alike:
+        attention = shared.rows(image, masks, level_index, torch.arange(T, device=masks.device).expand(c, T))
+        r = residual_rows(x[image : image + 1], shared.z[image : image + 1], masks, T, residual)[0]
+        out.copy_(view.finish(r, attention))
+        return
+    distinct, slot, first_zero = distinct_rows(masks)
+    scaled = view.layer_scale1(shared.rows(image, masks, level_index, distinct))  # (c, r', D)
+    D = scaled.shape[-1]
+    if residual == "unmasked":  # every row keeps its own input: the stream is x + the row's scaled attention
+        torch.add(x[image][None], scaled.gather(1, first_zero[:, None, None].expand(c, 1, D)), out=out)
+        out.scatter_(1, distinct[..., None].expand(-1, -1, D), x[image][distinct] + scaled)
+        out.add_(view.mlp_branch(out))
+        return
+    source = shared.z if residual == "normalized" else x
+    y = source[image][distinct] * masks.gather(1, distinct)[..., None] + scaled
+    y = y + view.mlp_branch(y)
+    torch.gather(y, 1, slot[..., None].expand(c, T, D), out=out)
+
+
+def prefix_block_rows(
+    view: BlockView, x: Tensor, shared: SharedProjections, masks: Tensor, level_index: Tensor, num_prefix: int,
+    residual: str,
+) -> Tensor:
+    """``(n, c, P, D)``: the prefix rows of the (last) block's output on each masked copy, exactly."""
+    n, _, D = x.shape
+    c, P = masks.shape[0], num_prefix
+    prefix = torch.arange(P, device=masks.device).expand(c, P)
+    attention = torch.stack([shared.rows(image, masks, level_index, prefix) for image in range(n)])
+    r = residual_rows(x, shared.z, masks, P, residual)
+    return view.finish(r.reshape(n * c, P, D), attention.reshape(n * c, P, D)).view(n, c, P, D)
+
+
+def block_prefix_rows(view: BlockView, x: Tensor, num_prefix: int, call: Call) -> Tensor:
+    """``(N, P, D)``: the prefix rows of a standard block's output on inputs ``x`` (``(N, T, D)``).
+
+    Every token's key and value are needed, but queries, attention rows and
+    the rest of the block only for the ``P`` prefix rows that a head reading
+    prefix tokens sees.
+    """
+    math: Optional[AttentionMath] = view.math
+    assert math is not None
+    z = view.norm1(x)
+    attention_call = view.attention_call(call)
+    q, k, v = math.project_rows(z, attention_call, num_prefix)
+    bias = math.score_bias(attention_call)
+    out = math.attend(q, k, v, None if bias is None else bias[..., :num_prefix, :])
+    attention = math.finish(merge_heads(out), z[:, :num_prefix] if math.finish_reads_input else None)
+    return view.finish(x[:, :num_prefix], attention)
