@@ -193,40 +193,105 @@ def plot(out: Path) -> None:
         print(f"{HEADERS[metric]}, mean [95 % bootstrap interval]\n\n{cross_model_table(reports, metric)}\n")
 
 
+#: ViT-ReciproCAM as each of its authors' codes runs it: (name, residual, scores, block)
+OFFICIAL = (
+    ("authors' repository (sybyun/vitcam)", "unmasked", "softmax", -2),
+    ("OpenVINO Training Extensions 1.x", "normalized", "softmax", -1),
+    ("OpenVINO XAI 1.1", "input", "logits", -1),
+)
+SWEEP_METRICS = ("pointing", "evidence_mass", "pair_pointing", "constant")
+
+
+def _sweep_scores(cam, single, pair, **options) -> Dict[str, torch.Tensor]:
+    """Per-canvas pointing, evidence mass, constant maps on *single* and class-specific pointing on *pair*."""
+    maps = cam.attribute(single.images, target=single.target, **options)
+    first = cam.attribute(pair.images, target=pair.target, **options)
+    second = cam.attribute(pair.images, target=pair.second_target, **options)
+    flat = maps.flatten(1)
+    own_first = top_pixel_inside(first, pair.near) * (1 - top_pixel_inside(first, pair.second_near))
+    own_second = top_pixel_inside(second, pair.second_near) * (1 - top_pixel_inside(second, pair.near))
+    return {"pointing": top_pixel_inside(maps, single.near), "evidence_mass": evidence_mass(maps, single.mark),
+            "pair_pointing": (own_first + own_second) / 2,
+            "constant": (flat.max(1).values - flat.min(1).values <= 0).float()}
+
+
 def sweep(args: argparse.Namespace) -> None:
-    """ViT-ReciproCAM on *single* for every block, kernel, prefix-token and residual setting."""
+    """Every official ViT-ReciproCAM variant x block x kernel; chosen on one half of the canvases, scored on the other.
+
+    The residual/score pairs are those of the authors' three codes (:data:`OFFICIAL`), each at every block;
+    prefix tokens kept (all three codes keep them by default). Per setting the per-canvas scores of both
+    halves are written; the selection half ranks by pointing (then evidence mass), the held-out half reports.
+    """
     from captum_vit import LayerReciproCAM
-    from captum_vit.metrics._known_evidence import _Canvases
+    from captum_vit.evidence import CANVAS
+    from captum_vit.metrics import KnownEvidenceCanvases
 
     torch.set_num_threads(args.threads)
     model = load_evidence_model(args.model)
-    single = _Canvases(make_canvases(evidence_backgrounds(args.data, "test", 1000), "single", args.n, 2024), 64)
-    print(f"{args.model}: n = {args.n} single canvases, mean [95 % bootstrap interval]\n")
-    print("| block | kernel | prefix tokens | residual | scores | evidence mass↑ | pointing↑ |")
-    print("|---:|---|---|---|---|---:|---:|")
+    backgrounds = evidence_backgrounds(args.data, "test", 1000)
+    single, pair = (KnownEvidenceCanvases(make_canvases(backgrounds, v, args.n, 2024 + k), CANVAS)
+                    for k, v in enumerate(("single", "pair")))
+    halves = {"selection": slice(0, args.n // 2), "held_out": slice(args.n // 2, args.n)}
+    depth = len(model.blocks)
     rows = []
-    for block in range(len(model.blocks)):
+    start = time.perf_counter()
+    for block in range(depth):
         cam = LayerReciproCAM(model, model.blocks[block])
-        for kernel in ("gaussian", "dirac"):
-            for keep in (True, False):
-                for residual, scores in (("normalized", "softmax"), ("input", "logits")):
-                    maps = cam.attribute(single.images, target=single.target, kernel=kernel,
-                                         keep_prefix_tokens=keep, residual=residual, scores=scores)
-                    row = {"block": block, "kernel": kernel, "prefix_tokens": "kept" if keep else "masked",
-                           "residual": residual, "scores": scores,
-                           "evidence_mass": bootstrap_interval(evidence_mass(maps, single.mark)),
-                           "pointing": bootstrap_interval(top_pixel_inside(maps, single.near))}
-                    rows.append(row)
-                    print(f"| {block} | {kernel} | {row['prefix_tokens']} | {residual} | {scores} | "
-                          f"{fmt(row['evidence_mass'])} | {fmt(row['pointing'])} |", flush=True)
-    best = max(rows, key=lambda r: (r["pointing"]["mean"], r["evidence_mass"]["mean"]))
-    print(f"\nbest: block {best['block']}, {best['kernel']}, prefix tokens {best['prefix_tokens']}, residual "
-          f"{best['residual']}, scores {best['scores']}: pointing {fmt(best['pointing'])}, evidence mass "
-          f"{fmt(best['evidence_mass'])}")
+        for _, residual, scores, _ in OFFICIAL:
+            for kernel in ("gaussian", "dirac"):
+                values = _sweep_scores(cam, single, pair, kernel=kernel, residual=residual, scores=scores)
+                row = {"block": block, "block_from_end": block - depth, "kernel": kernel, "residual": residual,
+                       "scores": scores, "path": cam.last_path}
+                for half, rows_ in halves.items():
+                    row[half] = {k: bootstrap_interval(v[rows_]) for k, v in values.items()}
+                rows.append(row)
+                print(f"block {block} {kernel:>8} {residual:>10}/{scores:<7}: held out pointing "
+                      f"{fmt(row['held_out']['pointing'])}", flush=True)
+    report = {"model": args.model, "n": args.n, "halves": {k: [v.start, v.stop] for k, v in halves.items()},
+              "seconds": time.perf_counter() - start, "rows": rows, "command": " ".join(sys.argv)}
     out = RESULTS / f"evidence_sweep_{args.model}.json"
-    out.write_text(json.dumps({"model": args.model, "n": args.n, "rows": rows, "command": " ".join(sys.argv)},
-                              indent=2))
+    out.write_text(json.dumps(report, indent=2))
+    print(sweep_tables([report]))
     print(f"written to {out}")
+
+
+def _key(row: dict, half: str) -> tuple:
+    return row[half]["pointing"]["mean"], row[half]["evidence_mass"]["mean"]
+
+
+def _describe(row: dict) -> str:
+    return f"block {row['block_from_end']}, {row['kernel']}, residual {row['residual']}, {row['scores']}"
+
+
+def sweep_tables(reports: list) -> str:
+    """Held-out scores of the official settings, of each model's best setting and of the best fixed setting."""
+    cell = lambda row: " | ".join(fmt(row["held_out"][k]) for k in SWEEP_METRICS)  # noqa: E731
+    head = "| " + " | ".join(HEADERS[k] for k in SWEEP_METRICS) + " |"
+    lines = ["Held-out half of the canvases (settings chosen on the other half); mean [95 % bootstrap interval]", ""]
+    for report in reports:
+        rows = report["rows"]
+        depth = max(r["block"] for r in rows) + 1
+        lines += [f"{report['model']} ({depth} blocks, n = {report['n'] // 2} held out)", "",
+                  "| setting | " + head[2:], "|---|" + "---:|" * len(SWEEP_METRICS)]
+        for name, residual, scores, block in OFFICIAL:
+            official = next(r for r in rows if (r["residual"], r["scores"], r["kernel"]) == (residual, scores, "gaussian")
+                            and r["block_from_end"] == block)
+            lines.append(f"| {name}: {_describe(official)} | {cell(official)} |")
+        best = max(rows, key=lambda r: _key(r, "selection"))
+        lines += [f"| best on the selection half: {_describe(best)} | {cell(best)} |", ""]
+    if len(reports) > 1:  # one setting for every model: the best mean over models on the selection half
+        settings = {(r["block_from_end"], r["kernel"], r["residual"], r["scores"]) for r in reports[0]["rows"]}
+        def rows_of(setting):
+            found = [next((r for r in rep["rows"] if (r["block_from_end"], r["kernel"], r["residual"], r["scores"])
+                           == setting), None) for rep in reports]
+            return found if all(found) else None
+        candidates = [(s, rows_of(s)) for s in settings if rows_of(s)]
+        setting, chosen = max(candidates, key=lambda c: tuple(sum(v) / len(v) for v in zip(*(_key(r, "selection")
+                                                                                               for r in c[1]))))
+        lines += [f"One setting for every model, chosen on the selection halves: {_describe(chosen[0])}", "",
+                  "| model | " + head[2:], "|---|" + "---:|" * len(SWEEP_METRICS)]
+        lines += [f"| {rep['model']} | {cell(r)} |" for rep, r in zip(reports, chosen)]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -241,11 +306,20 @@ def main() -> None:
     parser.add_argument("--no-randomization", action="store_true")
     parser.add_argument("--checkpoint-dir", default=None, help="keep finished batches here; a rerun resumes")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--sweep-reciprocam", action="store_true")
+    parser.add_argument("--sweep-reciprocam", action="store_true",
+                        help="every official ViT-ReciproCAM variant x block x kernel, held out (one model)")
+    parser.add_argument("--sweep-summary", action="store_true",
+                        help="tables of every results/evidence_sweep_*.json, and the best fixed setting")
     parser.add_argument("--plot", action="store_true", help="draw benchmarks/results/evidence.png from the results")
     args = parser.parse_args()
     if args.plot:
         plot(RESULTS / "evidence.png")
+        return
+    if args.sweep_summary:
+        order = list(EVIDENCE_MODELS)
+        reports = sorted((json.loads(p.read_text()) for p in RESULTS.glob("evidence_sweep_*.json")),
+                         key=lambda r: order.index(r["model"]))
+        print(sweep_tables([r for r in reports if "halves" in r]))
         return
     if not args.data:
         parser.error("--data is required (the CIFAR-10 JPEG archive)")

@@ -5,12 +5,14 @@
 
 Methods, in order: plain forward (timed again at the end; the baseline is the
 mean of both); every method of the registry (``captum_vit.methods``, as the
-CLI runs them: ViT-ReciproCAM and its variants on the fast path, AGCAM, the
+CLI runs them: ViT-ReciproCAM and its variants on their fast paths, AGCAM, the
 rollouts, Relevance, Captum IntegratedGradients with n_steps=50 and
 internal_batch_size=batch, LayerGradCam on the last block's norm1 tokens
 reshaped to the grid); LayerReciproCAM's general path; and, when
 ``pytorch-grad-cam`` is installed, its ScoreCAM and AblationCAM with a ViT
 reshape transform. Weights are random (timing does not depend on them).
+``reciprocam-general`` is the registry's ``reciprocam`` (block -2, unmasked
+residual) forced onto the general path.
 Prints a Markdown table (images/s, ms/image, multiple of the forward) and
 writes it as JSON.
 """
@@ -37,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from captum_vit import LayerReciproCAM  # noqa: E402
 from captum_vit.adapters import find_adapter  # noqa: E402
-from captum_vit.methods import METHODS, explainer  # noqa: E402
+from captum_vit.methods import EXPLAINERS, explainer  # noqa: E402
 
 #: every registry method except the random control, the general path as its own row, pytorch-grad-cam
-ALL = ["forward", *(m for m in METHODS if m != "random"), "reciprocam-general", "pgc-scorecam", "pgc-ablationcam"]
+ALL = ["forward", *EXPLAINERS, "reciprocam-general", "pgc-scorecam", "pgc-ablationcam"]
 
 
 def build_methods(model: torch.nn.Module, batch: int, copies: int) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
@@ -52,10 +54,9 @@ def build_methods(model: torch.nn.Module, batch: int, copies: int) -> Dict[str, 
             return model(x)
 
     methods: Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {"forward": forward}
-    for name in METHODS:
-        if name != "random":  # IG's internal batch is the batch; the others pick their own chunks
-            methods[name] = explainer(name, model, batch_size=batch if name == "ig" else None)
-    cam = LayerReciproCAM(model, model.blocks[-1])
+    for name in EXPLAINERS:  # IG's internal batch is the batch; the others pick their own chunks
+        methods[name] = explainer(name, model, batch_size=batch if name == "ig" else None)
+    cam = LayerReciproCAM(model, model.blocks[-2])  # the registry's default setting, forced onto the general path
     methods["reciprocam-general"] = lambda x, t: cam.attribute(x, target=t, path="general", batch_size=copies)
     methods.update(pytorch_grad_cam_methods(model, batch))
     return methods

@@ -25,11 +25,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .methods import METHODS, REGISTRY, TITLES
+from .methods import EXPLAINERS, REGISTRY, TITLES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-#: explain and evaluate offer every registry method but the random control (a baseline for benchmarks)
-CLI_METHODS = tuple(m for m in METHODS if m != "random")
+#: explain and evaluate offer every registry explainer (the random control is for benchmarks)
+CLI_METHODS = EXPLAINERS
 
 
 class UsageError(Exception):

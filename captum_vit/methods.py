@@ -1,35 +1,40 @@
 """Every method by name, as ``explain(inputs, target) -> maps``.
 
 The command line, the demo, the benchmarks and the metrics all take methods
-from this one registry, so a comparison runs each one the same way:
+from this one registry, so a comparison runs each one the same way. Each
+entry builds its explainer (:meth:`MethodSpec.build`); a new method is its
+module plus one entry here (a test keeps this table equal to the registry):
 
-=================  ===============================================  ===============
-name               what                                             map
-=================  ===============================================  ===============
-reciprocam         LayerReciproCAM, 3x3 gaussian kernel (the spec)  (B, 1, h, w)
-reciprocam-input   LayerReciproCAM, masked block input as residual, (B, 1, h, w)
-                   raw logits (the authors' OpenVINO XAI variant)
-reciprocam-dirac   LayerReciproCAM, one cell per copy               (B, 1, h, w)
-agcam              AttentionGuidedGradCAM, every block              (B, 1, h, w)
-rollout            AttentionRollout (class-agnostic)                (B, 1, h, w)
-grad-rollout       GradientRollout                                  (B, 1, h, w)
-relevance          TransformerAttribution (Chefer et al. LRP)       (B, 1, h, w)
-ig                 Captum IntegratedGradients, |sum over C|         (B, 1, H, W)
-layergradcam       Captum LayerGradCam, last block's norm1          (B, 1, h, w)
-random             uniform noise: a control                         (B, 1, h, w)
-=================  ===============================================  ===============
+=================  =================================================================  ===============
+name               what                                                               map
+=================  =================================================================  ===============
+reciprocam         ViT-ReciproCAM as its authors' repository runs it: block -2,       (B, 1, h, w)
+                   unmasked residual, 3x3 gaussian kernel, softmax
+reciprocam-fast    ViT-ReciproCAM at the last block, masked normalised residual       (B, 1, h, w)
+                   (OpenVINO Training Extensions 1.x): about one extra forward pass
+reciprocam-input   ViT-ReciproCAM at the last block, masked block input as residual,  (B, 1, h, w)
+                   raw logits (OpenVINO XAI 1.1)
+reciprocam-dirac   ViT-ReciproCAM as ``reciprocam``, one cell per copy                (B, 1, h, w)
+agcam              AttentionGuidedGradCAM, every block                                (B, 1, h, w)
+rollout            AttentionRollout (class-agnostic)                                  (B, 1, h, w)
+grad-rollout       GradientRollout                                                    (B, 1, h, w)
+relevance          TransformerAttribution (Chefer et al. LRP)                         (B, 1, h, w)
+ig                 Captum IntegratedGradients, abs of the sum over channels           (B, 1, H, W)
+layergradcam       Captum LayerGradCam, last block's norm1                            (B, 1, h, w)
+random             uniform noise: a control, not an explainer                         (B, 1, h, w)
+=================  =================================================================  ===============
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor, nn
 
-from .adapters import find_adapter
+from .adapters import UnsupportedModelError, find_adapter
 from .agcam import AttentionGuidedGradCAM
 from .baselines import integrated_gradients_map, vit_layer_gradcam
 from .reciprocam import LayerReciproCAM
@@ -40,45 +45,40 @@ ExplainFn = Callable[[Tensor, Any], Tensor]
 
 
 @dataclass(frozen=True)
+class BuildContext:
+    """What every entry's builder receives (see :func:`explainer` for each field)."""
+
+    forward_func: Callable[..., Any]
+    vit: Optional[nn.Module] = None
+    batch_size: Optional[int] = None
+    ig_steps: int = 50
+    seed: int = 0
+    normalize: bool = True
+
+
+#: a builder: the context -> (explain function, the options that change its maps)
+Builder = Callable[[BuildContext], Tuple[ExplainFn, Dict[str, Any]]]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """One registry entry.
 
     ``class_specific``: the map depends on the target (False for rollout and
-    the random control); ``input_resolution``: maps come at the input's
-    resolution rather than the patch grid; ``options``: the keyword
-    arguments passed to ``attribute``.
+    the random control); ``control``: a reference map, not an explainer
+    (offered by the benchmarks, not the CLI); ``builder`` makes its explain
+    function.
     """
 
     name: str
     title: str
+    builder: Builder = field(repr=False)
     class_specific: bool = True
-    input_resolution: bool = False
-    options: Tuple[Tuple[str, Any], ...] = ()
+    control: bool = False
 
-
-_SPECS = (
-    MethodSpec("reciprocam", "ViT-ReciproCAM"),
-    MethodSpec(
-        "reciprocam-input",
-        "ViT-ReciproCAM (input residual, logits)",
-        options=(("residual", "input"), ("scores", "logits")),
-    ),
-    MethodSpec("reciprocam-dirac", "ViT-ReciproCAM (dirac)", options=(("kernel", "dirac"),)),
-    MethodSpec("agcam", "AGCAM"),
-    MethodSpec("rollout", "Attention Rollout", class_specific=False),
-    MethodSpec("grad-rollout", "Gradient Rollout"),
-    MethodSpec("relevance", "Relevance (Chefer LRP)"),
-    MethodSpec("ig", "Integrated Gradients", input_resolution=True),
-    MethodSpec("layergradcam", "LayerGradCam"),
-    MethodSpec("random", "random control", class_specific=False),
-)
-
-#: name -> entry, in table order
-REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
-#: every method name, in table order
-METHODS = tuple(REGISTRY)
-#: short descriptions, for help texts and figure titles
-TITLES: Dict[str, str] = {spec.name: spec.title for spec in _SPECS}
+    def build(self, context: BuildContext) -> "MethodExplainer":
+        fn, options = self.builder(context)
+        return MethodExplainer(self, fn, options)
 
 
 class MethodExplainer:
@@ -102,6 +102,86 @@ class MethodExplainer:
 
     def __repr__(self) -> str:
         return f"MethodExplainer({self.identity})"
+
+
+# -- builders ----------------------------------------------------------------------
+def reciprocam_builder(block: int, **options: Any) -> Builder:
+    """ViT-ReciproCAM on block ``block`` (negative: from the end) with ``attribute`` options."""
+
+    def build(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
+        adapter = find_adapter(context.forward_func, None, context.vit)
+        depth = len(adapter.blocks)
+        if not -depth <= block < depth:
+            raise UnsupportedModelError(
+                f"this entry explains block {block}, and the model has {depth} block(s); explain the last block "
+                "with 'reciprocam-fast', or pass the block to LayerReciproCAM yourself."
+            )
+        cam = LayerReciproCAM(context.forward_func, adapter.blocks[block], vit=adapter.model)
+        kw = dict(options, normalize=context.normalize, batch_size=context.batch_size)
+        return (lambda x, t: cam.attribute(x, target=t, **kw)), dict(options, block=block, normalize=context.normalize)
+
+    return build
+
+
+def attention_builder(cls: Type[Any]) -> Builder:
+    """An :class:`~captum_vit._attention.AttentionExplainer` over every block."""
+
+    def build(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
+        method = cls(context.forward_func, vit=context.vit)
+        kw = dict(normalize=context.normalize, batch_size=context.batch_size)
+        return (lambda x, t: method.attribute(x, target=t, **kw)), {"normalize": context.normalize}
+
+    return build
+
+
+def _integrated_gradients(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
+    ig = IntegratedGradients(context.forward_func)
+    steps, batch = context.ig_steps, context.batch_size
+    return (lambda x, t: integrated_gradients_map(ig, x, t, n_steps=steps, internal_batch_size=batch)), {
+        "n_steps": steps}
+
+
+def _layer_gradcam(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
+    gradcam = vit_layer_gradcam(context.forward_func, vit=context.vit)
+    return (lambda x, t: gradcam.attribute(x, target=t, relu_attributions=True)), {}
+
+
+def _random_control(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
+    adapter = find_adapter(context.forward_func, None, context.vit)
+    generator = torch.Generator().manual_seed(context.seed)
+
+    def fn(x: Tensor, t: Any) -> Tensor:
+        h, w = adapter.grid_for(x.shape[-2:])
+        return torch.rand(x.shape[0], 1, h, w, generator=generator).to(x.device)
+
+    return fn, {"seed": context.seed}
+
+
+_SPECS = (
+    MethodSpec("reciprocam", "ViT-ReciproCAM", reciprocam_builder(-2, residual="unmasked")),
+    MethodSpec("reciprocam-fast", "ViT-ReciproCAM (last block)",
+               reciprocam_builder(-1, residual="normalized")),
+    MethodSpec("reciprocam-input", "ViT-ReciproCAM (last block, input residual, logits)",
+               reciprocam_builder(-1, residual="input", scores="logits")),
+    MethodSpec("reciprocam-dirac", "ViT-ReciproCAM (dirac)",
+               reciprocam_builder(-2, residual="unmasked", kernel="dirac")),
+    MethodSpec("agcam", "AGCAM", attention_builder(AttentionGuidedGradCAM)),
+    MethodSpec("rollout", "Attention Rollout", attention_builder(AttentionRollout), class_specific=False),
+    MethodSpec("grad-rollout", "Gradient Rollout", attention_builder(GradientRollout)),
+    MethodSpec("relevance", "Relevance (Chefer LRP)", attention_builder(TransformerAttribution)),
+    MethodSpec("ig", "Integrated Gradients", _integrated_gradients),
+    MethodSpec("layergradcam", "LayerGradCam", _layer_gradcam),
+    MethodSpec("random", "random control", _random_control, class_specific=False, control=True),
+)
+
+#: name -> entry, in table order
+REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
+#: every method name, in table order
+METHODS = tuple(REGISTRY)
+#: the explainers a user picks from (the CLI's choices): every entry but the controls
+EXPLAINERS = tuple(name for name, spec in REGISTRY.items() if not spec.control)
+#: short descriptions, for help texts and figure titles
+TITLES: Dict[str, str] = {spec.name: spec.title for spec in _SPECS}
 
 
 def explainer(
@@ -132,38 +212,6 @@ def explainer(
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
-    spec = REGISTRY[name]
-    options = dict(spec.options)
-    if not normalize:
-        options["normalize"] = False
-    if name.startswith("reciprocam"):
-        adapter = find_adapter(forward_func, None, vit)
-        cam = LayerReciproCAM(forward_func, adapter.blocks[-1], vit=adapter.model)
-        fn: ExplainFn = lambda x, t: cam.attribute(x, target=t, batch_size=batch_size, **options)  # noqa: E731
-    elif name in ("agcam", "rollout", "grad-rollout", "relevance"):
-        cls = {
-            "agcam": AttentionGuidedGradCAM,
-            "rollout": AttentionRollout,
-            "grad-rollout": GradientRollout,
-            "relevance": TransformerAttribution,
-        }[name]
-        method = cls(forward_func, vit=vit)
-        fn = lambda x, t: method.attribute(x, target=t, batch_size=batch_size, **options)  # noqa: E731
-    elif name == "ig":
-        ig = IntegratedGradients(forward_func)
-        options = {"n_steps": ig_steps}
-        fn = lambda x, t: integrated_gradients_map(ig, x, t, n_steps=ig_steps, internal_batch_size=batch_size)  # noqa: E731
-    elif name == "layergradcam":
-        options = {}
-        gradcam = vit_layer_gradcam(forward_func, vit=vit)
-        fn = lambda x, t: gradcam.attribute(x, target=t, relu_attributions=True)  # noqa: E731
-    else:
-        adapter = find_adapter(forward_func, None, vit)
-        generator = torch.Generator().manual_seed(seed)
-        options = {"seed": seed}
-
-        def fn(x: Tensor, t: Any) -> Tensor:
-            h, w = adapter.grid_for(x.shape[-2:])
-            return torch.rand(x.shape[0], 1, h, w, generator=generator).to(x.device)
-
-    return MethodExplainer(spec, fn, options)
+    context = BuildContext(forward_func, vit=vit, batch_size=batch_size, ig_steps=ig_steps, seed=seed,
+                           normalize=normalize)
+    return REGISTRY[name].build(context)

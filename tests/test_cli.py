@@ -97,7 +97,7 @@ def test_evaluate_on_a_folder(sample, tmp_path, capsys):
     assert "3 images" in out and "adcc_of_means" in out
     assert cli.main(args + ["--method", "rollout"]) == 2  # another method's files are not resumed
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "method is 'reciprocam' there but 'rollout' now" in err and "--restart" in err
+    assert len(err.splitlines()) == 1 and "method is \"reciprocam block=-2" in err and "there but 'rollout" in err and "--restart" in err
     assert cli.main(args + ["--method", "rollout", "--restart"]) == 0
 
 

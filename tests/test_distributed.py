@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -42,6 +43,18 @@ def _rank(rank: int, world: int, port: int, out: str, checkpoints: str) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """The ranks compute with one thread each; so does the single process they are compared with bit for bit
+    (matrix products may sum in another order with another thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,7 +66,8 @@ def test_gloo_processes_give_the_single_process_result(tmp_path, world):
     from captum_vit.metrics import evaluate_adcc
 
     model, explain, loader = _setup()
-    single = evaluate_adcc(model, explain, loader, use_labels=True, progress=False)
+    with _one_thread():
+        single = evaluate_adcc(model, explain, loader, use_labels=True, progress=False)
     mp.spawn(_rank, args=(world, _free_port(), str(tmp_path), str(tmp_path / "runs")), nprocs=world, join=True)
     for rank in range(world):
         merged = torch.load(tmp_path / f"rank{rank}.pt")
@@ -113,7 +127,7 @@ def _evidence_setup():
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    model = randomize(VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=1, num_heads=2, num_classes=6))
+    model = randomize(VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=6))
     backgrounds = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     return model, backgrounds, dict(methods=["reciprocam", "random"], n=5, batch_size=2, progress=False)
 
@@ -134,11 +148,13 @@ def test_known_evidence_on_two_gloo_processes_gives_the_single_process_result(tm
     from captum_vit.metrics import evaluate_known_evidence
 
     model, backgrounds, options = _evidence_setup()
-    single = evaluate_known_evidence(model, backgrounds=backgrounds, **options).values
+    with _one_thread():
+        single = evaluate_known_evidence(model, backgrounds=backgrounds, **options).values
     mp.spawn(_evidence_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         merged = torch.load(tmp_path / f"rank{rank}.pt")
         assert list(merged) == list(single)
+        assert set(single) == {"reciprocam", "random"}  # both ran: none was refused
         for method, metrics in single.items():
             assert list(merged[method]) == list(metrics)
             for name, value in metrics.items():  # 3 batches over 2 ranks, the random control included

@@ -21,7 +21,12 @@ from ._checkpoint import MANIFEST, CheckpointDirectory, CheckpointMismatchError
 from ._deletion import deletion_insertion
 from ._evaluate import evaluate_adcc, join_torchrun
 from ._evidence import bootstrap_interval, cascading_randomization, evidence_mass, rank_correlation, top_pixel_inside
-from ._known_evidence import KNOWN_EVIDENCE_METRICS, KnownEvidenceResult, evaluate_known_evidence
+from ._known_evidence import (
+    KNOWN_EVIDENCE_METRICS,
+    KnownEvidenceCanvases,
+    KnownEvidenceResult,
+    evaluate_known_evidence,
+)
 from ._localization import box_localization, boxes_from_map, make_mosaic, mosaic_cell_boxes, pointing_game
 from ._maps import (
     as_explain_func,
@@ -41,6 +46,7 @@ __all__ = [
     "evaluate_known_evidence",
     "evidence_mass",
     "KNOWN_EVIDENCE_METRICS",
+    "KnownEvidenceCanvases",
     "KnownEvidenceResult",
     "rank_correlation",
     "top_pixel_inside",

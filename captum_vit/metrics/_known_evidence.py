@@ -85,8 +85,15 @@ def _box_masks(boxes: Sequence[Tuple[int, int, int, int]], size: int) -> Tensor:
     return torch.from_numpy(np.stack([_box_mask([box], size, size) for box in boxes]))
 
 
-class _Canvases:
-    """One variant's canvases with the masks every metric needs, sliced by batch."""
+class KnownEvidenceCanvases:
+    """One variant's canvases (:func:`captum_vit.evidence.make_canvases`) with the masks every metric needs.
+
+    Attributes: ``images`` ``(N, 3, 64, 64)``; ``target`` ``(N,)`` the first
+    decisive mark's class and ``boxes`` its boxes; ``mark`` ``(N, 64, 64)`` its
+    pixels and ``near`` the same grown by :data:`POINTING_GROW`; for *pair*
+    ``second_target``/``second_near``; for *distractor* ``distractor`` and
+    ``distractor_near``. Slice them by batch.
+    """
 
     def __init__(self, batch: Any, size: int) -> None:
         self.images = batch.images
@@ -162,7 +169,7 @@ def evaluate_known_evidence(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    variants = {name: _Canvases(make_canvases(backgrounds, name, n, seed + k), CANVAS)
+    variants = {name: KnownEvidenceCanvases(make_canvases(backgrounds, name, n, seed + k), CANVAS)
                 for k, name in enumerate(("single", "pair", "distractor"))}
     rank, world = _distributed_rank_and_size()
     batches = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
@@ -220,7 +227,7 @@ def evaluate_known_evidence(
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, variants: Dict[str, _Canvases], device: torch.device) -> Dict[str, float]:
+def _accuracy(model: nn.Module, variants: Dict[str, KnownEvidenceCanvases], device: torch.device) -> Dict[str, float]:
     out = {}
     for name, v in variants.items():
         logits = model(v.images.to(device)).float().cpu()
@@ -234,7 +241,7 @@ def _accuracy(model: nn.Module, variants: Dict[str, _Canvases], device: torch.de
 
 
 def _score_batch(
-    model: nn.Module, explain: Any, variants: Dict[str, _Canvases], rows: slice, device: torch.device, steps: int
+    model: nn.Module, explain: Any, variants: Dict[str, KnownEvidenceCanvases], rows: slice, device: torch.device, steps: int
 ) -> Tuple[Dict[str, Tensor], Tensor]:
     single, pair, distractor = variants["single"], variants["pair"], variants["distractor"]
     x, t = single.images[rows].to(device), single.target[rows].to(device)
