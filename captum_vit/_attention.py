@@ -26,6 +26,7 @@ from ._utils import (
     TensorOrTuple,
     agreement_tolerance,
     check_batch_size,
+    compute_dtype,
     forward_logits,
     output_maps,
     prepare_inputs,
@@ -337,7 +338,8 @@ class AttentionExplainer:
                 self._maps(prepared.forward_args(rows), targets, rows)
                 for rows in row_chunks(prepared.batch_size, batch_size)
             ]
-        return prepared.format(output_maps(torch.cat(chunks), normalize))
+        dtype = compute_dtype(self.adapter.model, prepared.images.device)
+        return prepared.format(output_maps(torch.cat(chunks), normalize, who=type(self).__name__, dtype=dtype))
 
     def _maps(self, args: Tuple[Any, ...], targets: Targets, rows: slice) -> Tensor:
         recorder = AttentionRecorder(

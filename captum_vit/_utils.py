@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -243,10 +244,63 @@ def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
     return ((flat - lo) / (hi - lo + eps)).view_as(maps)
 
 
-def output_maps(maps: Tensor, normalize: bool) -> Tensor:
-    """Final ``(B, k, h, w)`` float maps (``k = 1`` for one target per example)."""
+def flat_threshold(dtype: torch.dtype = torch.float32) -> float:
+    """The relative range under which a map computed in ``dtype`` is flat.
+
+    Ten times :func:`agreement_tolerance`, the rounding by which two exact
+    computations of the same map may differ: a map whose values span less than
+    that share of their magnitude has a min-max picture of rounding noise
+    (1e-3 in float32, 0.3 in float16 and bfloat16).
+    """
+    return 10 * agreement_tolerance(dtype)
+
+
+def flat_maps(maps: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(B, k)`` bool: which raw ``(B, k, h, w)`` maps computed in ``dtype`` are flat (:func:`flat_threshold`)."""
+    flat = maps.detach().float().flatten(2)
+    lo, hi = flat.min(dim=2).values, flat.max(dim=2).values
+    return (hi - lo) <= flat_threshold(dtype) * torch.maximum(lo.abs(), hi.abs())
+
+
+def output_maps(
+    maps: Tensor, normalize: bool, *, who: str, dtype: torch.dtype = torch.float32, hint: str = ""
+) -> Tensor:
+    """Final ``(B, k, h, w)`` float maps (``k = 1`` for one target per example), flat ones said in a warning.
+
+    Args:
+        maps: raw maps; ``dtype``: the precision they were computed in;
+        who: the method, for the warning; hint: what may give a map that is not flat.
+    """
     maps = maps.float()
+    flat = flat_maps(maps, dtype)
+    if flat.any():
+        first = maps.flatten(2)[flat][0]
+        warn_caller(
+            f"{who}: {int(flat.sum())} of {flat.numel()} maps are flat: their raw values span less than "
+            f"{flat_threshold(dtype):.0e} of their magnitude (e.g. {float(first.min()):.7g} .. "
+            f"{float(first.max()):.7g}), within what {str(dtype).replace('torch.', '')} rounding can produce, so "
+            "their [0, 1] scaling shows noise. Near-constant scores do this (a saturated or near-uniform softmax, "
+            f"untrained weights){hint}; normalize=False returns the raw values."
+        )
     return minmax_normalize(maps) if normalize else maps
+
+
+def warn_caller(message: str, category: type = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside captum_vit and Captum (the user's call)."""
+    import sys
+
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("captum_vit", "captum"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
+
+
+def compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    """The precision ``model`` computes in on ``device``: autocast's, else its parameters'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    param = next(model.parameters(), None)
+    return param.dtype if param is not None and param.is_floating_point() else torch.float32
 
 
 class HookSet(contextlib.AbstractContextManager):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._utils import flat_threshold
 from .metrics import upsample_maps
 
 
@@ -44,8 +45,9 @@ def heat_for(map_: torch.Tensor, size: Sequence[int]) -> np.ndarray:
 
 
 #: a map whose values differ by less than this fraction of their magnitude is flat: its
-#: min-max stretched picture shows rounding noise, not evidence
-FLAT_RELATIVE_RANGE = 1e-3
+#: min-max stretched picture shows rounding noise, not evidence (the maps' float32 threshold,
+#: the same that makes the explainers warn)
+FLAT_RELATIVE_RANGE = flat_threshold(torch.float32)
 
 
 def raw_range(map_: torch.Tensor) -> Tuple[float, float, bool]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from captum.attr import NoiseTunnel
@@ -208,3 +210,23 @@ def test_errors():
     token_model.blocks[-1].attn = torch.nn.Identity().eval()
     with pytest.raises(ValueError, match="Identity has no explicit form"):
         LayerReciproCAM(token_model, token_model.blocks[-1]).attribute(images, path="fast")
+
+
+def test_every_method_warns_about_flat_maps_and_only_then():
+    """A map within rounding of constant is said in a warning (the CLI and the figures flag the same maps)."""
+    model, images = make_model("vit_reg4")
+    with torch.no_grad():
+        model.head.weight.mul_(1e4)  # a saturated softmax: every masked copy scores p = 1
+    cam = LayerReciproCAM(model, model.blocks[-1])
+    with pytest.warns(UserWarning, match=r"ViT-ReciproCAM: 2 of 2 maps are flat.*try scores='logits'"):
+        cam.attribute(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cam.attribute(images, scores="logits")  # the logits still differ
+    uniform, images = make_model("vit_reg4")
+    with torch.no_grad():
+        for block in uniform.blocks:
+            block.attn.qkv.weight.zero_()
+            block.attn.qkv.bias.zero_()  # every attention row uniform: the rollout is constant
+    with pytest.warns(UserWarning, match="AttentionRollout: 2 of 2 maps are flat"):
+        AttentionRollout(uniform).attribute(images)

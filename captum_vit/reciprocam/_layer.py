@@ -9,7 +9,16 @@ from captum.attr import LayerAttribution, PerturbationAttribution
 from captum.log import log_usage
 from torch import nn
 
-from .._utils import ALL_CLASSES, HookSet, PreparedInputs, TensorOrTuple, output_maps, prepare_inputs, prepare_targets
+from .._utils import (
+    ALL_CLASSES,
+    HookSet,
+    PreparedInputs,
+    TensorOrTuple,
+    compute_dtype,
+    output_maps,
+    prepare_inputs,
+    prepare_targets,
+)
 from ..adapters import BlockView, ViTAdapter, check_runtime, eager_forward_func, find_adapter
 from ._engine import ReciproCAMEngine, ReciproCAMOptions, refuse_user_block_hooks
 
@@ -164,7 +173,7 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         targets = prepare_targets(target, prepared.batch_size)
         options = ReciproCAMOptions(kernel=kernel, keep_prefix_tokens=keep_prefix_tokens, scores=scores,
                                     residual=residual, batch_size=batch_size, path=path)
-        return prepared.format(output_maps(self._maps(prepared, targets, options), normalize))
+        return prepared.format(self._output(self._maps(prepared, targets, options), normalize, prepared))
 
     def attribute_all_classes(
         self, inputs: TensorOrTuple, additional_forward_args: Any = None, **kwargs: Any
@@ -179,7 +188,12 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
         maps = self._maps(prepared, prepare_targets(ALL_CLASSES, prepared.batch_size), ReciproCAMOptions(**kwargs))
-        return prepared.format(output_maps(maps, normalize))
+        return prepared.format(self._output(maps, normalize, prepared))
+
+    def _output(self, maps: torch.Tensor, normalize: bool, prepared: PreparedInputs) -> torch.Tensor:
+        dtype = compute_dtype(self.adapter.model, prepared.images.device)
+        return output_maps(maps, normalize, who="ViT-ReciproCAM", dtype=dtype,
+                           hint=": try scores='logits' or another block")
 
     def _maps(self, prepared: PreparedInputs, targets: Any, options: ReciproCAMOptions) -> torch.Tensor:
         options.check()
