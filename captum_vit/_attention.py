@@ -32,7 +32,10 @@ from ._utils import (
     prepare_inputs,
     prepare_targets,
     relative_error,
+    calling_forward_func,
     row_chunks,
+    raised_in_forward,
+    user_error_or_none,
 )
 from .adapters import (
     HEAD_PATCHES_ONLY,
@@ -334,10 +337,18 @@ class AttentionExplainer:
         check_batch_size(batch_size)
         with self.adapter.explaining():
             check_runtime(self.adapter, type(self).__name__, needs_gradients=self.uses_gradients)
-            chunks = [
-                self._maps(prepared.forward_args(rows), targets, rows)
-                for rows in row_chunks(prepared.batch_size, batch_size)
-            ]
+            try:
+                chunks = [
+                    self._maps(prepared.forward_args(rows), targets, rows)
+                    for rows in row_chunks(prepared.batch_size, batch_size)
+                ]
+            except Exception as err:
+                if isinstance(err, UnsupportedModelError) or not raised_in_forward(err):
+                    raise
+                own = user_error_or_none(self.forward_func, prepared, type(self).__name__)  # type: ignore[attr-defined]
+                if own is None:
+                    raise
+                raise own from own.__cause__  # the caller's own error, and where it came from
         dtype = compute_dtype(self.adapter.model, prepared.images.device)
         return prepared.format(output_maps(torch.cat(chunks), normalize, who=type(self).__name__, dtype=dtype))
 
@@ -357,7 +368,7 @@ class AttentionExplainer:
             args = tuple(a.clone() if isinstance(a, Tensor) and a.is_inference() else a for a in args)
         grad_mode = torch.enable_grad() if self.uses_gradients else torch.no_grad()
         with grad_mode:
-            with self.adapter.recording_image_size() as size, recorder:
+            with self.adapter.recording_image_size() as size, recorder, calling_forward_func():
                 logits = forward_logits(self.forward_func, args)  # type: ignore[attr-defined]
             scores, weights = recorder.recorded()
             P, (h, w) = self.adapter.tokens_layout(weights[0].shape[-1], size.image_hw)

@@ -28,11 +28,19 @@ ALL_CLASSES = "all"
 
 @dataclass
 class PreparedInputs:
-    """Validated inputs of one ``attribute`` call."""
+    """Validated inputs of one ``attribute`` call.
+
+    The rule for extra arguments (Captum's): a tensor among the inputs or
+    ``additional_forward_args`` whose first dimension equals the batch size
+    ``B`` is one row per example, and is split with the images when they are
+    explained in chunks; anything else is passed whole to every chunk.
+    """
 
     inputs: Tuple[Tensor, ...]
     is_tuple: bool
     additional_forward_args: Tuple[Any, ...]
+    #: extra arguments split by the rule that also look per channel (a ``(C,)`` vector with ``B == C``)
+    ambiguous: Tuple[int, ...] = ()
 
     @property
     def images(self) -> Tensor:
@@ -42,11 +50,24 @@ class PreparedInputs:
     def batch_size(self) -> int:
         return int(self.inputs[0].shape[0])
 
+    @property
+    def has_per_example_extras(self) -> bool:
+        """Whether a tensor besides the images is split with them (first dimension ``B``)."""
+        return any(_per_example(a, self.batch_size) for a in (*self.inputs[1:], *self.additional_forward_args))
+
     def forward_args(self, rows: Optional[slice] = None) -> Tuple[Any, ...]:
         """Positional arguments for ``forward_func`` for the examples ``rows``."""
-        if rows is None:
-            return (*self.inputs, *self.additional_forward_args)
         B = self.batch_size
+        if rows is None or (rows.start in (0, None) and rows.stop >= B):
+            return (*self.inputs, *self.additional_forward_args)
+        if self.ambiguous:
+            warn_caller(
+                f"additional_forward_args[{self.ambiguous[0]}] has shape ({B},): one value per example by the "
+                "splitting rule (its length is the batch size), but also one per colour channel. It is split with "
+                "the images, a slice per chunk. If it is per channel, bind it inside forward_func (a module "
+                "attribute or functools.partial) instead."
+            )
+            self.ambiguous = ()  # said once per call
         sliced = tuple(_take_rows(t, rows, B) for t in self.inputs)
         extra = tuple(_take_rows(a, rows, B) for a in self.additional_forward_args)
         return (*sliced, *extra)
@@ -55,10 +76,22 @@ class PreparedInputs:
         return (result,) if self.is_tuple else result
 
 
+def _per_example(value: Any, batch: int) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+
 def _take_rows(value: Any, rows: slice, batch: int) -> Any:
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value[rows]
-    return value
+    return value[rows] if _per_example(value, batch) else value
+
+
+def _check_tensor_data(t: Tensor, what: str) -> None:
+    if t.is_meta:
+        raise ValueError(
+            f"{what} is on the meta device, which holds shapes but no values; explain real tensors "
+            "(load the data, or .to('cpu')) on the model's device."
+        )
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(f"{what} contains NaN or infinite values; clean it (e.g. torch.nan_to_num) before explaining.")
 
 
 def prepare_inputs(inputs: Any, additional_forward_args: Any = None) -> PreparedInputs:
@@ -66,7 +99,8 @@ def prepare_inputs(inputs: Any, additional_forward_args: Any = None) -> Prepared
 
     ``inputs`` is a ``(B, C, H, W)`` tensor or a tuple whose first element is
     one; further tuple elements and ``additional_forward_args`` are passed to
-    ``forward_func`` (tensors with ``B`` rows are chunked with the images).
+    ``forward_func`` (tensors with ``B`` rows are chunked with the images;
+    see :class:`PreparedInputs`).
     """
     is_tuple = isinstance(inputs, tuple)
     tensors = inputs if is_tuple else (inputs,)
@@ -88,19 +122,20 @@ def prepare_inputs(inputs: Any, additional_forward_args: Any = None) -> Prepared
             f"inputs must be floating point (got {images.dtype}); convert and normalise images "
             "as the model expects, e.g. images.float() / 255 followed by its normalisation."
         )
-    for t in tensors:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(
-                "inputs contain NaN or infinite values; clean the images (e.g. torch.nan_to_num) "
-                "before explaining them."
-            )
+    for i, t in enumerate(tensors):
+        _check_tensor_data(t, "inputs" if i == 0 else f"inputs[{i}]")
     if additional_forward_args is None:
         extra: Tuple[Any, ...] = ()
     elif isinstance(additional_forward_args, tuple):
         extra = additional_forward_args
     else:
         extra = (additional_forward_args,)
-    return PreparedInputs(tuple(tensors), is_tuple, extra)
+    for i, a in enumerate(extra):
+        if isinstance(a, Tensor):
+            _check_tensor_data(a, f"additional_forward_args[{i}]")
+    B, C = images.shape[:2]
+    ambiguous = tuple(i for i, a in enumerate(extra) if isinstance(a, Tensor) and a.dim() == 1 and len(a) == B == C)
+    return PreparedInputs(tuple(tensors), is_tuple, extra, ambiguous)
 
 
 def check_batch_size(batch_size: Optional[int], name: str = "batch_size") -> None:
@@ -189,6 +224,8 @@ def prepare_targets(target: Any, batch_size: int) -> Targets:
         raise TypeError(f"unsupported target type {type(target).__name__}; use an int, a list or a tensor.")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices; got dtype {target.dtype}.")
+    if target.is_meta:
+        raise ValueError("target is on the meta device, which holds no values; give the class indices themselves.")
     target = target.long().cpu()
     if target.dim() == 0 or (target.dim() == 1 and target.numel() == 1):
         return Targets(target.reshape(1, 1).expand(batch_size, 1).clone(), several=False)
@@ -283,6 +320,46 @@ def output_maps(
             f"untrained weights){hint}; normalize=False returns the raw values."
         )
     return minmax_normalize(maps) if normalize else maps
+
+
+@contextlib.contextmanager
+def calling_forward_func() -> Iterator[None]:
+    """Mark exceptions raised inside a call of ``forward_func`` (see :func:`user_error_or_none`)."""
+    try:
+        yield
+    except Exception as err:
+        err.captum_vit_in_forward = True  # type: ignore[attr-defined]
+        raise
+
+
+def raised_in_forward(err: BaseException) -> bool:
+    return bool(getattr(err, "captum_vit_in_forward", False))
+
+
+def user_error_or_none(forward_func: Callable[..., Any], prepared: PreparedInputs, who: str) -> Optional[Exception]:
+    """After an explanation failed: the error ``forward_func`` raises on one image by itself, reworded, or ``None``.
+
+    A wrong extra argument or tuple input fails deep inside the model; said as
+    the caller's own error (the plain call fails too), it points at the call.
+    Only for exceptions raised inside ``forward_func`` (:func:`raised_in_forward`).
+    """
+    try:
+        with torch.no_grad():
+            forward_func(*prepared.forward_args(slice(0, 1)))
+    except Exception as own:  # noqa: BLE001 - reworded and chained, never swallowed
+        message = (
+            f"forward_func fails on these inputs by itself, before {who} changes anything "
+            f"({type(own).__name__}: {str(own).strip().splitlines()[0] if str(own).strip() else ''}). It is called as "
+            "forward_func(*inputs, *additional_forward_args): check the inputs tuple and additional_forward_args "
+            "against what it takes."
+        )
+        try:
+            error = type(own)(message)
+        except Exception:  # noqa: BLE001 - an exception type that takes other arguments: keep it as it is
+            return own
+        error.__cause__ = own
+        return error
+    return None
 
 
 def warn_caller(message: str, category: type = UserWarning) -> None:

@@ -17,7 +17,7 @@ from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
 from ._attention import AttentionExplainer, AttentionRecorder
-from ._utils import TensorOrTuple, agreement_tolerance, check_choice, compute_dtype, relative_error
+from ._utils import TensorOrTuple, agreement_tolerance, check_choice, compute_dtype, prepare_inputs, relative_error
 from .adapters import LRPBlock, LRPHead, UnsupportedModelError, merge_heads, split_heads
 
 
@@ -222,8 +222,7 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
     def attribute(self, inputs: TensorOrTuple, target: Any = None, additional_forward_args: Any = None,
                   normalize: bool = True, batch_size: Optional[int] = None) -> TensorOrTuple:
         """As :meth:`AttentionExplainer.attribute`; computed in :meth:`relevance_dtype`, maps in float32."""
-        images = inputs[0] if isinstance(inputs, tuple) else inputs
-        device = images.device if isinstance(images, Tensor) else torch.device("cpu")
+        device = prepare_inputs(inputs, additional_forward_args).images.device  # bad input is refused here, first
         dtype = self.relevance_dtype(device)
         if compute_dtype(self.adapter.model, device) == dtype:
             return super().attribute(inputs, target, additional_forward_args, normalize, batch_size)

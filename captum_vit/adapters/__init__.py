@@ -137,6 +137,11 @@ def find_adapter(
         UnsupportedModelError: naming the class found, the supported families
             and what to do.
     """
+    if vit is not None and not isinstance(vit, nn.Module):
+        raise TypeError(
+            f"vit must be the torch module that holds the ViT (e.g. vit=model); got {type(vit).__name__} {vit!r}. "
+            "To load a model by name, use captum_vit.models.load_model(name).vit."
+        )
     root = _unwrap(vit) if vit is not None else _owner(forward_func)
     if root is None:
         raise UnsupportedModelError(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_batch_size, forward_logits, prepare_inputs, prepare_targets, row_chunks
-from ._maps import as_explain_func, check_number, checked_maps, upsample_maps
+from ._maps import as_explain_func, check_baseline_tensor, check_number, checked_maps, upsample_maps
 
 
 @dataclass
@@ -108,6 +108,8 @@ def adcc(
     targets = prepare_targets(target, prepared.batch_size)
     if not isinstance(baseline, Tensor):
         baseline = check_number(baseline, "baseline")
+    else:
+        baseline = check_baseline_tensor(baseline, prepared.images)
     if targets.several:
         raise ValueError("adcc takes one target per example.")
     check_batch_size(batch_size)

@@ -122,6 +122,23 @@ def _box_mask(boxes: Sequence[Box], height: int, width: int) -> np.ndarray:
     return mask
 
 
+def _check_boxes(gt_boxes: Sequence[Sequence[Box]], size: Tuple[int, int]) -> None:
+    """Every box is ``(x0, y0, x1, y1)`` with ``x0 < x1`` and ``y0 < y1``, and meets the ``(H, W)`` image."""
+    H, W = size
+    for i, boxes in enumerate(gt_boxes):
+        for box in boxes:
+            if len(box) != 4:
+                raise ValueError(f"image {i}: box {box!r} must be (x0, y0, x1, y1), four pixel corners.")
+            x0, y0, x1, y1 = box
+            if not (x0 < x1 and y0 < y1):
+                raise ValueError(
+                    f"image {i}: box {tuple(box)} is empty or inverted; boxes are (x0, y0, x1, y1) with x0 < x1 and "
+                    "y0 < y1, end exclusive (a (x, y, width, height) box is (x, y, x + width, y + height))."
+                )
+            if x1 <= 0 or y1 <= 0 or x0 >= W or y0 >= H:
+                raise ValueError(f"image {i}: box {tuple(box)} lies outside the {H}x{W} image.")
+
+
 def box_localization(
     maps: Tensor,
     gt_boxes: Sequence[Sequence[Box]],
@@ -152,6 +169,9 @@ def box_localization(
         if correct.shape != (len(gt_boxes),):
             raise ValueError(f"correct must be ({len(gt_boxes)},), one flag per map; got {tuple(correct.shape)}.")
     size = tuple(maps.shape[-2:]) if size is None else tuple(size)
+    if len(size) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ValueError(f"size must be the (H, W) of the images the boxes refer to, two positive integers; got {size}.")
+    _check_boxes(gt_boxes, size)
     scaled = upsample_maps(maps, size)[:, 0].cpu().numpy()
     out = {k: torch.zeros(len(gt_boxes)) for k in ("pixel_accuracy", "iou", "dice")}
     for i, (heat, boxes) in enumerate(zip(scaled, gt_boxes)):

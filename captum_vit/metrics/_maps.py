@@ -64,6 +64,22 @@ def check_number(value: Any, name: str) -> float:
     return float(value)
 
 
+def check_baseline_tensor(baseline: Tensor, images: Tensor) -> Tensor:
+    """A baseline tensor that broadcasts to ``images`` without changing their shape, finite, on their device."""
+    try:
+        shape = torch.broadcast_shapes(tuple(baseline.shape), tuple(images.shape))
+    except RuntimeError:
+        shape = None
+    if shape != tuple(images.shape):
+        raise ValueError(
+            f"baseline of shape {tuple(baseline.shape)} does not broadcast to the images' {tuple(images.shape)}: give "
+            "a number, a (C, 1, 1) tensor (one value per channel) or a tensor of the images' shape."
+        )
+    if baseline.is_meta or not torch.isfinite(baseline).all():
+        raise ValueError("baseline must hold finite values (not NaN, infinity or a meta tensor).")
+    return baseline.to(device=images.device, dtype=images.dtype)
+
+
 def upsample_maps(maps: Any, size: Sequence[int], normalize: bool = True) -> Tensor:
     """``(B, 1, h, w)`` (or ``(B, h, w)``) maps -> ``(B, 1, H, W)``, bilinear, in ``[0, 1]``.
 

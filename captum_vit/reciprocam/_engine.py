@@ -31,6 +31,7 @@ from .._utils import (
     PreparedInputs,
     Targets,
     agreement_tolerance,
+    calling_forward_func,
     check_batch_size,
     check_choice,
     forward_logits,
@@ -406,7 +407,8 @@ class ReciproCAMEngine:
         with self.adapter.recording_image_size() as recorder, HookSet() as hooks:
             forward.recorder = recorder
             strategy.install(hooks, forward)
-            logits = forward_logits(self.forward_func, args)
+            with calling_forward_func():
+                logits = forward_logits(self.forward_func, args)
         if logits.shape[0] != forward.images_seen * copies.count:
             raise RuntimeError(
                 f"forward_func returned {logits.shape[0]} rows for {forward.images_seen} images x {copies.count} "
@@ -423,7 +425,10 @@ class ReciproCAMEngine:
         B, K = prepared.batch_size, grid[0] * grid[1]
         result: Optional[Tensor] = None
         chosen: Optional[Tensor] = None
-        for rows, copies in plan_copies(B, K, strategy.copies_per_call(K)):
+        per_call = strategy.copies_per_call(K)
+        if prepared.has_per_example_extras:  # one image per pass: a one-row extra tensor fits its copies anywhere
+            per_call = min(per_call, K + 1)
+        for rows, copies in plan_copies(B, K, per_call):
             n = rows.stop - rows.start
             logits = self.forward_copies(strategy, prepared.forward_args(rows), copies).view(n, copies.count, -1)
             logits = logits.float()

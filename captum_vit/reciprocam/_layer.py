@@ -14,12 +14,15 @@ from .._utils import (
     HookSet,
     PreparedInputs,
     TensorOrTuple,
+    calling_forward_func,
     compute_dtype,
     output_maps,
     prepare_inputs,
     prepare_targets,
+    raised_in_forward,
+    user_error_or_none,
 )
-from ..adapters import BlockView, ViTAdapter, check_runtime, eager_forward_func, find_adapter
+from ..adapters import BlockView, UnsupportedModelError, ViTAdapter, check_runtime, eager_forward_func, find_adapter
 from ._engine import ReciproCAMEngine, ReciproCAMOptions, refuse_user_block_hooks
 
 
@@ -200,7 +203,15 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         with torch.no_grad(), self.adapter.explaining():  # the block's hooks are only ours from here on
             check_runtime(self.adapter, "ViT-ReciproCAM", needs_gradients=False)
             refuse_user_block_hooks(self.layer, self.adapter, self.block_index)
-            return self.engine.raw_maps(prepared, targets, self._probe_grid(prepared), options)
+            try:
+                return self.engine.raw_maps(prepared, targets, self._probe_grid(prepared), options)
+            except Exception as err:
+                if isinstance(err, UnsupportedModelError) or not raised_in_forward(err):
+                    raise
+                own = user_error_or_none(self.forward_func, prepared, "ViT-ReciproCAM")
+                if own is None:
+                    raise
+                raise own from own.__cause__  # the caller's own error, and where it came from
 
     def _probe_grid(self, prepared: PreparedInputs) -> Tuple[int, int]:
         """The patch grid for these inputs, from a forward stopped at the image entry."""
@@ -211,7 +222,8 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         with self.adapter.recording_image_size() as recorder, HookSet() as hooks:
             hooks.forward_pre_hook(self.adapter.image_module, stop)
             try:
-                self.forward_func(*prepared.forward_args(slice(0, 1)))
+                with calling_forward_func():
+                    self.forward_func(*prepared.forward_args(slice(0, 1)))
             except _StopForward:
                 pass
         if recorder.image_hw is None:
