@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import agreement_tolerance, check_choice, minmax_normalize, relative_error
-from .adapters import HEAD_PREFIX_ONLY, Call, UnsupportedModelError, find_adapter
+from .adapters import HEAD_PREFIX_ONLY, Call, SupportsExport, UnsupportedModelError, find_adapter
 from .reciprocam import (
     KERNELS,
     RESIDUALS,
@@ -84,6 +84,11 @@ class ExplainedViT(nn.Module):
         check_choice(residual, "residual", RESIDUALS)
         check_choice(targets, "targets", TARGETS)
         adapter = find_adapter(model)
+        if not isinstance(adapter, SupportsExport):
+            raise UnsupportedModelError(
+                f"ExplainedViT cannot write a hook-free forward for {adapter.family} models yet (supported: timm "
+                "VisionTransformer and DeiT); explain them with LayerReciproCAM."
+            )
         self.model = adapter.model
         self._adapter = adapter
         last = adapter.blocks[-1]
@@ -95,10 +100,9 @@ class ExplainedViT(nn.Module):
             raise UnsupportedModelError(f"ExplainedViT computes the exact fast path, which does not apply: {reason}.")
         self._view = adapter.block_view(last)
         if image_size is None:
-            size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
-            if size is None:
+            image_size = adapter.default_image_size()
+            if image_size is None:
                 raise ValueError("give image_size=(H, W): this model does not state its input size.")
-            image_size = (int(size[0]), int(size[1]))
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.grid = adapter.grid_for(self.image_size)
         self.num_prefix_tokens = adapter.num_prefix_tokens

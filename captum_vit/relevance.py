@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ._attention import AttentionExplainer, AttentionRecorder
 from ._utils import TensorOrTuple, agreement_tolerance, check_choice, compute_dtype, prepare_inputs, relative_error
-from .adapters import LRPBlock, LRPHead, UnsupportedModelError, merge_heads, split_heads
+from .adapters import LRPBlock, LRPHead, SupportsLRP, UnsupportedModelError, merge_heads, split_heads
 
 
 def safe_divide(a: Tensor, b: Tensor) -> Tensor:
@@ -198,8 +198,9 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
         """
         check_choice(precision, "precision", PRECISIONS)
         super().__init__(forward_func, layers=None, vit=vit)
-        head = self.adapter.lrp_head()
-        blocks = [view.lrp_block() for view in self.views]
+        lrp = self.adapter if isinstance(self.adapter, SupportsLRP) else None
+        head = lrp.lrp_head() if lrp is not None else None
+        blocks = [lrp.lrp_block(view) for view in self.views] if lrp is not None else [None]
         if head is None or any(b is None for b in blocks):
             what = "its head" if head is None else f"block {[b is None for b in blocks].index(True)}"
             raise UnsupportedModelError(

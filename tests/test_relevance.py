@@ -183,7 +183,7 @@ def test_relevance_is_conserved_through_a_whole_block():
     x = model._pos_embed(model.patch_embed(images.double()))
     relevance = _random(*x.shape, seed=9).abs()
     with torch.no_grad():
-        r_x, r_attention, y = block_relevance(adapter.block_view(model.blocks[0]).lrp_block(), x, relevance)
+        r_x, r_attention, y = block_relevance(adapter.lrp_block(adapter.block_view(model.blocks[0])), x, relevance)
         torch.testing.assert_close(y, model.blocks[0](x))
     torch.testing.assert_close(r_x.sum((1, 2)), relevance.sum((1, 2)), rtol=1e-6, atol=1e-6)
     assert r_attention.shape == (2, 3, x.shape[1], x.shape[1])

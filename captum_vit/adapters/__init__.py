@@ -25,6 +25,8 @@ from ._base import (
     Call,
     LRPBlock,
     LRPHead,
+    SupportsExport,
+    SupportsLRP,
     UnsupportedModelError,
     ViTAdapter,
     merge_heads,
@@ -40,7 +42,7 @@ from .torchvision_vit import TorchvisionViTAdapter
 
 __all__ = [
     "ADAPTERS", "AttentionMath", "BlockView", "Call", "LRPBlock", "LRPHead", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
-    "HEAD_PREFIX_ONLY", "HEAD_UNKNOWN", "UnsupportedModelError", "ViTAdapter", "check_runtime",
+    "HEAD_PREFIX_ONLY", "HEAD_UNKNOWN", "SupportsExport", "SupportsLRP", "UnsupportedModelError", "ViTAdapter", "check_runtime",
     "eager_forward_func", "find_adapter", "merge_heads", "split_call", "split_heads", "supported_families",
 ]
 

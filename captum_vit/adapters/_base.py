@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -243,10 +243,37 @@ class LRPHead:
     token: int = 0
 
 
+@runtime_checkable
+class SupportsLRP(Protocol):
+    """An adapter whose head and blocks have LRP parts (:class:`captum_vit.TransformerAttribution`)."""
+
+    def lrp_head(self) -> Optional[LRPHead]:
+        """The head as :class:`LRPHead` (a linear layer on one token), or ``None`` if it has other parts."""
+
+    def lrp_block(self, view: "BlockView") -> Optional[LRPBlock]:
+        """One block as :class:`LRPBlock`, or ``None`` if it has parts the rules do not cover."""
+
+
+@runtime_checkable
+class SupportsExport(Protocol):
+    """An adapter that computes its model without hooks (:class:`captum_vit.export.ExplainedViT`)."""
+
+    def default_image_size(self) -> Optional[Tuple[int, int]]:
+        """The ``(H, W)`` the model is built for, or ``None`` when it does not say."""
+
+    def forward_to_block(self, images: Tensor, index: int) -> Tensor:
+        """The ``(B, T, D)`` input of block ``index``, computed without hooks."""
+
+    def forward_head_on_prefix(self, prefix: Tensor) -> Tensor:
+        """Logits from the ``(N, P, D)`` prefix rows of the last block's output (a head reading prefix tokens)."""
+
+
 class BlockView:
     """One pre-norm block: ``y = r + ls1(attn(norm1(x))); y + ls2(mlp(norm2(y)))``.
 
-    A family subclass maps these parts to the block's own sub-modules. The
+    A family subclass maps these parts to the block's own sub-modules
+    (:meth:`layer_scale1`, :meth:`mlp_branch`; :meth:`finish` is their fixed
+    composition, which ReciproCAM's fast path also applies row by row). The
     standard call uses ``r = x``; ReciproCAM re-runs the block on a masked
     normalised input with the residual it chooses (:meth:`forward`).
     """
@@ -292,10 +319,6 @@ class BlockView:
         y = residual + self.layer_scale1(attention_out)
         return y + self.mlp_branch(y)
 
-    def lrp_block(self) -> Optional[LRPBlock]:
-        """The block as :class:`LRPBlock` for relevance propagation, or ``None`` if it has other parts."""
-        return None
-
     def forward(self, z: Tensor, residual: Tensor, call: Call) -> Tensor:
         """The block on attention input ``z`` with ``residual`` (``r = x`` normally)."""
         return self.finish(residual, self.attention(z, self.attention_call(call)))
@@ -319,21 +342,6 @@ class ViTAdapter:
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         raise NotImplementedError
-
-    def forward_to_block(self, images: Tensor, index: int) -> Tensor:
-        """The ``(B, T, D)`` input of block ``index``, computed without hooks (for export).
-
-        Families that support :class:`captum_vit.export.ExplainedViT` implement it.
-        """
-        raise UnsupportedModelError(f"{self.family} models cannot be exported with their explanation yet.")
-
-    def forward_head_on_prefix(self, prefix: Tensor) -> Tensor:
-        """Logits from the ``(N, P, D)`` prefix rows of the last block's output (head reading prefix tokens only)."""
-        raise UnsupportedModelError(f"{self.family} models cannot be exported with their explanation yet.")
-
-    def lrp_head(self) -> Optional[LRPHead]:
-        """The head as :class:`LRPHead` (a linear layer on one token), or ``None``."""
-        return None
 
     # -- layout --------------------------------------------------------------
     @property

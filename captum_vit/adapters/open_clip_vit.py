@@ -9,12 +9,21 @@ reads comes from the class token.
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, HEAD_CLASS_AND_PATCHES, BlockView, Call, UnsupportedModelError, ViTAdapter
-from .torchvision_vit import MultiheadAttentionMath
+from ._base import (
+    HEAD_CLASS_AND_PATCHES,
+    HEAD_PATCHES_ONLY,
+    HEAD_PREFIX_ONLY,
+    BlockView,
+    Call,
+    UnsupportedModelError,
+    ViTAdapter,
+    lazy_isinstance,
+)
+from ._multihead import MultiheadAttentionMath
 
 
 class ResidualAttentionBlockView(BlockView):
@@ -23,7 +32,7 @@ class ResidualAttentionBlockView(BlockView):
         self.norm1_module = block.ln_1
         self.attention_module = block.attn
 
-    def read_call(self, args, kwargs):
+    def read_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
         x, call = super().read_call(args, kwargs)
         if call.args or any(v is not None for v in call.kwargs.values()):
             raise UnsupportedModelError("open_clip block called with k_x/v_x/attn_mask: only plain self-attention is supported.")
@@ -48,8 +57,6 @@ class OpenClipViTAdapter(ViTAdapter):
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        from ._base import lazy_isinstance
-
         return lazy_isinstance(module, "open_clip.transformer", ["VisionTransformer"])
 
     @property

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import AttentionMath, BlockView, Call, UnsupportedModelError
-from .timm_vit import TimmAdapter
+from ._qkv import fused_qkv_with_biases
+from ._timm import TimmAdapter
 
 
 class BeitAttentionMath(AttentionMath):
@@ -26,13 +25,7 @@ class BeitAttentionMath(AttentionMath):
         super().__init__(module, module.num_heads, module.qkv.weight.shape[0] // (3 * module.num_heads), module.scale)
 
     def project(self, x: Tensor, call: Call) -> Tuple[Tensor, Tensor, Tensor]:
-        m = self.module
-        if m.q_bias is None:
-            qkv = m.qkv(x)
-        else:
-            bias = torch.cat((m.q_bias, m.k_bias, m.v_bias))
-            qkv = m.qkv(x) + bias if m.qkv_bias_separate else F.linear(x, m.qkv.weight, bias)
-        q, k, v = (self.split_heads(u) for u in qkv.chunk(3, dim=-1))
+        q, k, v = (self.split_heads(u) for u in fused_qkv_with_biases(self.module, x).chunk(3, dim=-1))
         return q, k, v
 
     def score_bias(self, call: Call) -> Optional[Tensor]:
