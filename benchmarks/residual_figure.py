@@ -27,7 +27,7 @@ from captum_vit import LayerReciproCAM  # noqa: E402
 from captum_vit.data import denormalize  # noqa: E402
 from captum_vit.metrics import pearson  # noqa: E402
 from captum_vit.models import default_model, sample_images  # noqa: E402
-from captum_vit.visualization import _pyplot, display_image, draw_overlay  # noqa: E402
+from captum_vit.visualization import pyplot, display_image, draw_overlay  # noqa: E402
 
 VARIANTS = {
     "residual='normalized' (softmax)": dict(residual="normalized", scores="softmax"),
@@ -51,7 +51,7 @@ def main() -> None:
     correlation = {
         other: pearson(maps[names[0]], maps[other])[0].tolist() for other in names[1:]
     }
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(pictures), len(names) + 1, figsize=(3.3 * (len(names) + 1), 3.2 * len(pictures)),
                              squeeze=False)
     for i in range(len(pictures)):

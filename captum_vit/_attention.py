@@ -225,8 +225,6 @@ class AttentionExplainer:
     score_rows: Optional[int] = 0
     #: with ``detach_attention_input``, the rows of ``A`` whose gradient :meth:`combine` reads
     gradient_rows: int = 1
-    #: name for messages
-    method_name = "this method"
 
     def __init__(
         self,

@@ -62,11 +62,6 @@ def explanation(model: nn.Module) -> Iterator[object]:
             _CURRENT.reset(reset)
 
 
-def in_explanation() -> bool:
-    """Whether the caller runs inside an explanation's scope."""
-    return _CURRENT.get() is not None
-
-
 def scoped(hook: Callable[..., Any]) -> Callable[..., Any]:
     """``hook`` acting only inside the explanation that is current now; ``None`` (no change) elsewhere."""
     token = _CURRENT.get()

@@ -116,7 +116,6 @@ class LoadedModel:
 
     forward: nn.Module  # forward_func for the explainers
     vit: nn.Module  # the timm VisionTransformer inside it
-    input_size: Tuple[int, int]  # (H, W) images are resized to before normalising
     mean: Sequence[float]
     std: Sequence[float]
     class_names: Optional[Sequence[str]]
@@ -169,7 +168,6 @@ def load_cifar_checkpoint(path: str | Path, arch: Optional[str] = None) -> Loade
     return LoadedModel(
         forward=CIFARClassifier(vit, img_size).eval(),
         vit=vit,
-        input_size=(32, 32),
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
         class_names=CIFAR10_CLASSES,
@@ -227,10 +225,7 @@ def load_timm_model(name: str, checkpoint: Optional[str | Path] = None, num_clas
             class_names = [info.index_to_description(i) for i in range(1000)]
         except Exception:  # noqa: BLE001 - names are a nicety, never a reason to fail
             class_names = None
-    size = config["input_size"][1:]
-    return LoadedModel(
-        vit, vit, (int(size[0]), int(size[1])), config["mean"], config["std"], class_names, name, {}, config
-    )
+    return LoadedModel(vit, vit, config["mean"], config["std"], class_names, name, {}, config)
 
 
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
@@ -260,14 +255,6 @@ def load_model(spec: str, arch: Optional[str] = None, num_classes: Optional[int]
             raise ModelSpecError(f"give the timm architecture of {path.name} with --arch (e.g. deit_small_patch16_224).")
         return load_timm_model(arch, path, num_classes)
     return load_timm_model(spec, None, num_classes)
-
-
-def model_card() -> Dict[str, str]:
-    """Facts about the embedded default, as recorded in its checkpoint."""
-    from safetensors import safe_open
-
-    with safe_open(str(DEFAULT_CHECKPOINT), "pt") as f:
-        return dict(f.metadata() or {})
 
 
 def sample_images() -> Tuple[list, list]:

@@ -17,7 +17,8 @@ from ._utils import flat_threshold
 from .metrics import upsample_maps
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot, on the Agg backend unless a notebook's inline backend is active (no display is needed)."""
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
@@ -116,7 +117,7 @@ def explanation_figure(
         class_agnostic: method titles whose map does not depend on the class
             (captioned "any class").
     """
-    plt = _pyplot()
+    plt = pyplot()
     image = display_image(pixels)
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3.3 * (len(maps) + 1), 3.6))
     axes[0].imshow(image)
@@ -143,7 +144,7 @@ def class_grid_figure(
     out: Optional[str | Path] = None,
 ):
     """Rows: methods; columns: one class each. ``maps[method]`` is ``(k, h, w)`` raw maps."""
-    plt = _pyplot()
+    plt = pyplot()
     image = display_image(pixels, size=256)
     rows, cols = len(maps), len(class_names)
     fig, axes = plt.subplots(rows, cols + 1, figsize=(3.0 * (cols + 1), 3.0 * rows), squeeze=False)
@@ -182,7 +183,7 @@ def known_evidence_figure(
     """
     from matplotlib.patches import Rectangle
 
-    plt = _pyplot()
+    plt = pyplot()
     n = pixels.shape[0]
     fig, axes = plt.subplots(n, len(maps) + 1, figsize=(3.0 * (len(maps) + 1), 3.1 * n), squeeze=False)
     for i in range(n):

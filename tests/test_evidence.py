@@ -186,22 +186,18 @@ def test_committed_known_evidence_models_read_the_marks():
         assert accuracy >= 0.95, f"{name}: {accuracy:.3f}"
 
 
-def test_known_evidence_evaluation_resumes_from_its_checkpoints_and_refuses_another_runs(tmp_path, monkeypatch):
+def test_known_evidence_evaluation_resumes_from_its_checkpoints_and_refuses_another_runs(tmp_path):
     from captum_vit.metrics import CheckpointMismatchError, evaluate_known_evidence
-    from captum_vit.metrics import _known_evidence
 
     model = _tiny_canvas_vit()
     first = evaluate_known_evidence(model, ["rollout"], BACKGROUNDS, n=4, batch_size=2, progress=False,
                                     checkpoint_dir=tmp_path)
-    assert sorted(p.name for p in (tmp_path / "rollout").iterdir()) == ["batch_00000.pt", "batch_00001.pt",
-                                                                         "manifest.json"]
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("a checkpointed batch was recomputed")
-
-    monkeypatch.setattr(_known_evidence, "_score_batch", no_work)
+    files = sorted((tmp_path / "rollout").iterdir())
+    assert [p.name for p in files] == ["batch_00000.pt", "batch_00001.pt", "manifest.json"]
+    written = {p.name: p.stat().st_ino for p in files}  # a recomputed batch is written anew: another file
     again = evaluate_known_evidence(model, ["rollout"], BACKGROUNDS, n=4, batch_size=2, progress=False,
                                     checkpoint_dir=tmp_path)
+    assert {p.name: p.stat().st_ino for p in (tmp_path / "rollout").iterdir()} == written, "a batch was recomputed"
     assert all(torch.equal(v, first.values["rollout"][k]) for k, v in again.values["rollout"].items())
     with pytest.raises(CheckpointMismatchError, match="n is 4 there but 6 now"):
         evaluate_known_evidence(model, ["rollout"], BACKGROUNDS, n=6, batch_size=2, progress=False,

@@ -7,9 +7,8 @@ The class token is the only prefix token and the head reads it alone.
 
 from __future__ import annotations
 
-from typing import Optional, Any, Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import HEAD_PREFIX_ONLY, BlockView, Call, ViTAdapter, lazy_isinstance

@@ -78,7 +78,7 @@ def evaluate_adcc(
         checkpoints.check_manifest(getattr(loader, "batch_size", None))  # refuse before any work when possible
     names = [f.name for f in fields(ADCCResult)]
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    rank, world = _distributed_rank_and_size()
+    rank, world = distributed_rank_and_size()
     results: Dict[int, ADCCResult] = {}
     bar = tqdm(loader, total=total, desc="ADCC", unit="batch", disable=not progress or rank != 0)
     for i, batch in enumerate(bar):
@@ -135,7 +135,7 @@ def join_torchrun(device: torch.device | str = "cpu") -> Optional[torch.device]:
     return device
 
 
-def _distributed_rank_and_size() -> Tuple[int, int]:
+def distributed_rank_and_size() -> Tuple[int, int]:
     """``(rank, world size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
     import torch.distributed as dist
 
@@ -147,10 +147,10 @@ def _distributed_rank_and_size() -> Tuple[int, int]:
 def _gather_batches(mine: Dict[int, ADCCResult], names: List[str]) -> Dict[int, ADCCResult]:
     """Every rank's batches on every rank, by batch index (so the merge is the single-process result)."""
     payload = {i: {n: getattr(r, n).cpu() for n in names} for i, r in mine.items()}
-    return {i: ADCCResult(**fields_) for part in _from_every_rank(payload) for i, fields_ in part.items()}
+    return {i: ADCCResult(**fields_) for part in from_every_rank(payload) for i, fields_ in part.items()}
 
 
-def _from_every_rank(value: Any) -> List[Any]:
+def from_every_rank(value: Any) -> List[Any]:
     """``value`` of every rank of the initialised ``torch.distributed`` group, in rank order."""
     import torch.distributed as dist
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ._adcc import adcc
 from ._checkpoint import CheckpointDirectory, model_fingerprint, tensor_digest
 from ._deletion import deletion_insertion
-from ._evaluate import _distributed_rank_and_size, _from_every_rank
+from ._evaluate import distributed_rank_and_size, from_every_rank
 from ._evidence import (
     bootstrap_interval,
     cascading_randomization,
@@ -30,8 +30,7 @@ from ._evidence import (
     rank_correlation,
     top_pixel_inside,
 )
-from ._localization import _box_mask
-from ._localization import box_localization
+from ._localization import box_localization, box_mask
 
 #: pointing counts a hit within this many pixels of the mark (half a patch of the 64x64 canvases)
 POINTING_GROW = 4
@@ -82,7 +81,7 @@ def _grown(box: Tuple[int, int, int, int], grow: int = POINTING_GROW) -> Tuple[i
 
 def _box_masks(boxes: Sequence[Tuple[int, int, int, int]], size: int) -> Tensor:
     """``(N, size, size)`` bool, one box per image, clipped to the canvas."""
-    return torch.from_numpy(np.stack([_box_mask([box], size, size) for box in boxes]))
+    return torch.from_numpy(np.stack([box_mask([box], size, size) for box in boxes]))
 
 
 class KnownEvidenceCanvases:
@@ -171,7 +170,7 @@ def evaluate_known_evidence(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     variants = {name: KnownEvidenceCanvases(make_canvases(backgrounds, name, n, seed + k), CANVAS)
                 for k, name in enumerate(("single", "pair", "distractor"))}
-    rank, world = _distributed_rank_and_size()
+    rank, world = distributed_rank_and_size()
     batches = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     mine = [b for b in range(len(batches)) if b % world == rank]
 
@@ -216,8 +215,8 @@ def evaluate_known_evidence(
             bar.update()
     bar.close()
     if world > 1:  # every rank gets every batch, keyed by batch index
-        parts = {k: v for part in _from_every_rank(parts) for k, v in part.items()}
-        result.unsupported = {k: v for part in _from_every_rank(result.unsupported) for k, v in part.items()}
+        parts = {k: v for part in from_every_rank(parts) for k, v in part.items()}
+        result.unsupported = {k: v for part in from_every_rank(result.unsupported) for k, v in part.items()}
     metrics: Dict[str, Dict[str, None]] = {}
     for method, metric, _ in parts:  # every method's metrics, in the order they were computed
         metrics.setdefault(method, {})[metric] = None

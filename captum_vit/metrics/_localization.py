@@ -115,7 +115,7 @@ def boxes_from_map(heatmap: np.ndarray, threshold: float = 0.5) -> list:
     return [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(labels) if s is not None]
 
 
-def _box_mask(boxes: Sequence[Box], height: int, width: int) -> np.ndarray:
+def box_mask(boxes: Sequence[Box], height: int, width: int) -> np.ndarray:
     mask = np.zeros((height, width), dtype=bool)
     for x0, y0, x1, y1 in boxes:
         mask[max(0, y0) : min(height, y1), max(0, x0) : min(width, x1)] = True
@@ -175,8 +175,8 @@ def box_localization(
     scaled = upsample_maps(maps, size)[:, 0].cpu().numpy()
     out = {k: torch.zeros(len(gt_boxes)) for k in ("pixel_accuracy", "iou", "dice")}
     for i, (heat, boxes) in enumerate(zip(scaled, gt_boxes)):
-        pred = _box_mask(boxes_from_map(heat, threshold), *size)
-        gt = _box_mask(boxes, *size)
+        pred = box_mask(boxes_from_map(heat, threshold), *size)
+        gt = box_mask(boxes, *size)
         inter, union = np.logical_and(pred, gt).sum(), np.logical_or(pred, gt).sum()
         out["pixel_accuracy"][i] = float((pred == gt).mean())
         out["iou"][i] = float(inter / union) if union else 1.0
