@@ -20,12 +20,17 @@ import glob
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .methods import EXPLAINERS, REGISTRY, TITLES
+from .metrics import ALIASES as METRIC_ALIASES
+from .metrics import METRICS as METRIC_REGISTRY
+
+#: evaluate's --metric choices: every registry metric and the names that select one
+METRIC_CHOICES = (*METRIC_REGISTRY, *METRIC_ALIASES)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 #: explain and evaluate offer every registry explainer (the random control is for benchmarks)
@@ -70,6 +75,15 @@ def _output_dir(path: str) -> Path:
     if not os.access(out, os.W_OK):
         raise UsageError(f"the output folder {path} is not writable; choose another with --out.")
     return out
+
+
+def _describe_model(spec: str, loaded) -> str:
+    """One line: which model and preprocessing, and what its classes are."""
+    classes = loaded.class_names
+    named = f"{len(classes)} classes ({', '.join(list(classes)[:3])}, ...)" if classes else "classes without names"
+    size = loaded.data_config.get("input_size", ("?", "?", "?"))[1:]
+    what = "the embedded DeiT-Tiny trained on CIFAR-10" if spec in ("default", "") else spec
+    return f"{what}: {named}; preprocessing: timm's, to {size[0]}x{size[1]}"
 
 
 def _load(spec: str, arch: Optional[str], device: torch.device):
@@ -202,49 +216,60 @@ def _unique_stem(path: Path, taken: Dict[str, int]) -> str:
     return path.stem if n == 0 else f"{path.stem}_{n}"
 
 
-def _evaluation_loader(data: str, batch: int, limit: Optional[int], loaded):
-    from torch.utils.data import DataLoader, Subset, TensorDataset
+def _evaluation_data(data: str, args: argparse.Namespace, loaded) -> Any:
+    """The dataset behind ``DATA``: a CIFAR-10 ``.npz`` archive, an ImageFolder tree, a flat folder, a file list."""
+    from torch.utils.data import Subset
 
-    from .data import CIFAR10JPEG
+    from .data import CIFAR10JPEG, ImageFolderDataset, read_boxes, timm_box_mapping
 
     path = Path(data)
     if not path.exists():
         raise UsageError(f"{data}: no such file or folder.")
-    if path.is_file():
-        if path.suffix != ".npz":
-            raise UsageError(f"{data}: give a CIFAR-10 .npz archive or a folder of images.")
+    if path.is_file() and path.suffix == ".npz":
         dataset = CIFAR10JPEG(path, "test")  # names what is wrong with the file
         indices = range(len(dataset))
-        if limit is not None:  # the archive is sorted by class: spread the subset over classes
-            indices = dataset.balanced_indices(max(1, -(-limit // len(dataset.classes))))[:limit]
-        return DataLoader(Subset(dataset, list(indices)), batch_size=batch)
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if limit is not None:
-        files = files[:limit]
-    if not files:
-        raise UsageError(f"{data}: no images ({', '.join(IMAGE_SUFFIXES)}) found.")
-    good, failed = _read_images(files, loaded.preprocess)
-    if failed:
-        raise UsageError(f"{len(failed)} of {len(files)} images cannot be read: {'; '.join(failed)}")
-    return DataLoader(TensorDataset(torch.cat([t for _, t in good])), batch_size=batch)
+        if args.limit is not None:  # the archive is sorted by class: spread the subset over classes
+            indices = dataset.balanced_indices(max(1, -(-args.limit // len(dataset.classes))))[: args.limit]
+        return Subset(dataset, list(indices))
+    if path.is_file() and path.suffix.lower() != ".txt":
+        raise UsageError(f"{data}: give a CIFAR-10 .npz archive, a folder of images (class subfolders give labels) "
+                         "or a .txt list of image paths.")
+    boxes = read_boxes(args.boxes) if args.boxes else None
+    dataset = ImageFolderDataset(path, loaded.transform, class_names=loaded.class_names, label_order=args.label_order,
+                                 boxes=boxes, box_mapping=timm_box_mapping(loaded.data_config) if boxes else None,
+                                 limit=args.limit)
+    if dataset.skipped:
+        print(f"captum-vit: {len(dataset.skipped)} unreadable file(s) skipped: {'; '.join(dataset.skipped)}",
+              file=sys.stderr)
+    if args.use_labels and all(label < 0 for label in dataset.labels):
+        raise UsageError(f"--use-labels needs labels: {data} has no class subfolders (folder/<class>/<image>); "
+                         "without --use-labels each image's predicted class is explained.")
+    return dataset
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .methods import explainer
-    from .metrics import evaluate_adcc, join_torchrun
+    from .metrics import evaluate, join_torchrun
 
     device = _device(args.device)
+    data = args.data_path or args.data
+    if data is None:
+        raise UsageError("give the data to evaluate on: captum-vit evaluate DATA (a folder, a .txt list or an .npz).")
+    if not Path(data).exists():
+        raise UsageError(f"{data}: no such file or folder.")
     if args.checkpoint_dir is not None and Path(args.checkpoint_dir).is_file():
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir} is a file; give a folder.")
+    out = _output_dir(args.out)
     distributed = join_torchrun(device)  # under torchrun: one shard of the batches per process
     if distributed is not None:
         device = distributed
     loaded = _load(args.model, args.arch, device)
-    loader = _evaluation_loader(args.data, args.batch, args.limit, loaded)
-    fn = explainer(args.method, loaded.forward, vit=loaded.vit)
+    print(f"model: {_describe_model(args.model, loaded)}")
+    dataset = _evaluation_data(data, args, loaded)
+    methods, metrics = args.method or ["reciprocam"], args.metric or ["adcc"]
     try:
-        result = evaluate_adcc(loaded.forward, fn, loader, use_labels=args.use_labels,
-                               checkpoint_dir=args.checkpoint_dir, device=device, restart=args.restart)
+        result = evaluate(loaded.forward, methods, dataset, metrics, use_labels=args.use_labels, batch_size=args.batch,
+                          num_workers=args.num_workers, checkpoint_dir=args.checkpoint_dir, restart=args.restart,
+                          records_dir=out, device=device)
     finally:
         if distributed is not None:
             import torch.distributed as dist
@@ -252,10 +277,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if distributed is not None and int(os.environ.get("RANK", "0")) != 0:
         return 0
-    summary = result.summary()
-    print(f"{TITLES[args.method]} on {args.model}, {summary['n']} images:")
-    for key in ("average_drop", "average_increase", "coherency", "complexity", "adcc_of_means", "mean_adcc"):
-        print(f"  {key:>17}: {summary[key]:6.2f} %")
+    from .reports import write_evaluation
+
+    written = write_evaluation(result, out, title=f"{', '.join(TITLES[m] for m in methods)} on {args.model}, "
+                                                  f"{len(result.indices)} images")
+    print(f"{len(result.indices)} images, {len(methods)} method(s): {', '.join(TITLES[m] for m in methods)}")
+    print(written.explained)
+    print(f"written: {', '.join(str(p) for p in written.files)}")
     return 0
 
 
@@ -295,16 +323,29 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--device", default="auto", choices=devices)
     explain.set_defaults(func=cmd_explain)
 
-    evaluate = sub.add_parser("evaluate", help="ADCC of a method over a dataset, with a progress bar")
+    evaluate = sub.add_parser("evaluate", help="score methods with metrics over a dataset, with a progress bar")
+    evaluate.add_argument("data_path", nargs="?", metavar="DATA",
+                          help="a folder of images (class subfolders give labels, matched to the model's classes by "
+                               "name), a .txt list of image paths, or a CIFAR-10 .npz archive")
+    evaluate.add_argument("--data", default=None, help="the same as DATA (kept for older scripts)")
     evaluate.add_argument("--model", default="default", help=model_help)
-    evaluate.add_argument("--arch", default=None)
-    evaluate.add_argument("--data", required=True, help="a CIFAR-10 .npz archive or a folder of images")
-    evaluate.add_argument("--method", default="reciprocam", choices=CLI_METHODS, metavar="METHOD", help=methods_help)
-    evaluate.add_argument("--metric", default="adcc", choices=["adcc"])
+    evaluate.add_argument("--arch", default=None, help="timm architecture of a .pth/.safetensors checkpoint")
+    evaluate.add_argument("--method", action="append", choices=CLI_METHODS, metavar="METHOD",
+                          help=f"repeat for several (default: reciprocam). {methods_help}")
+    evaluate.add_argument("--metric", action="append", choices=METRIC_CHOICES, metavar="METRIC",
+                          help="repeat for several (default: adcc): " + "; ".join(METRIC_CHOICES))
     evaluate.add_argument("--limit", type=_positive_int, default=None,
-                          help="first N images (balanced over classes for .npz)")
-    evaluate.add_argument("--batch", type=_positive_int, default=32)
-    evaluate.add_argument("--use-labels", action="store_true", help="explain labels instead of predictions")
+                          help="the first N images (balanced over classes for .npz)")
+    evaluate.add_argument("--batch", type=_positive_int, default=32, help="images per batch (default 32)")
+    evaluate.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
+    evaluate.add_argument("--use-labels", action="store_true",
+                          help="explain the labels (class subfolders) instead of the predicted classes")
+    evaluate.add_argument("--label-order", default="names", choices=["names", "sorted"],
+                          help="match class subfolders to the model's classes by name (default) or sorted index")
+    evaluate.add_argument("--boxes", default=None,
+                          help="ground-truth boxes, JSON {image: [[x0,y0,x1,y1],...]} or CSV image,x0,y0,x1,y1 rows")
+    evaluate.add_argument("--out", default="captum_vit_evaluation",
+                          help="folder for summary.json, per_image.jsonl, table.md and plot.png")
     evaluate.add_argument("--checkpoint-dir", default=None, help="write finished batches here; resume from them")
     evaluate.add_argument("--restart", action="store_true", help="delete --checkpoint-dir's results and start over")
     evaluate.add_argument("--device", default="auto", choices=devices)

@@ -212,8 +212,7 @@ def load_timm_model(name: str, checkpoint: Optional[str | Path] = None, num_clas
                     "(load_model(path, arch=name); CLI: --model PATH --arch NAME), or use the embedded default."
                 ) from err
     else:
-        vit = timm.create_model(name, pretrained=False, **kwargs)
-        vit.load_state_dict(_read_state_dict(Path(checkpoint)))
+        vit = _timm_model_from_checkpoint(name, Path(checkpoint), num_classes)
     vit.eval()
     config = resolve_data_config({}, model=vit)
     class_names = None
@@ -226,6 +225,42 @@ def load_timm_model(name: str, checkpoint: Optional[str | Path] = None, num_clas
         except Exception:  # noqa: BLE001 - names are a nicety, never a reason to fail
             class_names = None
     return LoadedModel(vit, vit, config["mean"], config["std"], class_names, name, {}, config)
+
+
+def _timm_model_from_checkpoint(name: str, path: Path, num_classes: Optional[int]) -> nn.Module:
+    """timm model ``name`` with a local checkpoint's weights; its class count read from the checkpoint's head.
+
+    A fine-tuned checkpoint has its own number of classes: the architecture is
+    built with the rows of the checkpoint's classifier weight (timm's
+    ``default_cfg["classifier"]``), unless ``num_classes`` is given. Keys or
+    shapes that do not fit are named in one line.
+    """
+    import timm
+
+    state = _read_state_dict(path)
+    if num_classes is None:
+        probe = timm.create_model(name, pretrained=False)
+        heads = probe.default_cfg.get("classifier", "head")
+        head = heads[0] if isinstance(heads, (tuple, list)) else heads
+        weight = state.get(f"{head}.weight")
+        num_classes = int(weight.shape[0]) if weight is not None and weight.dim() == 2 else probe.num_classes
+    vit = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    own = vit.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ModelSpecError(
+            f"{path.name} does not fit the timm architecture {name!r}: {len(missing)} key(s) missing "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), {len(unexpected)} unexpected "
+            f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}); is --arch the architecture "
+            "it was trained with?"
+        )
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
+    if shapes:
+        raise ModelSpecError(f"{path.name}'s shapes do not fit {name!r} (checkpoint vs architecture): "
+                             f"{'; '.join(shapes[:3])}; is --arch the architecture it was trained with?")
+    vit.load_state_dict(state)
+    return vit
 
 
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:

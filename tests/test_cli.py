@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import json
 import shutil
 
 import numpy as np
@@ -90,15 +91,37 @@ def test_evaluate_on_a_folder(sample, tmp_path, capsys):
     folder.mkdir()
     for f in sorted((ASSETS / "samples").glob("*.png"))[:3]:
         shutil.copyfile(f, folder / f.name)
-    runs = tmp_path / "runs"
-    args = ["evaluate", "--data", str(folder), "--batch", "2", "--checkpoint-dir", str(runs)]
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["evaluate", str(folder), "--batch", "2", "--checkpoint-dir", str(runs), "--out", str(out)]
     assert cli.main(args + ["--method", "reciprocam"]) == 0
-    out = capsys.readouterr().out
-    assert "3 images" in out and "adcc_of_means" in out
-    assert cli.main(args + ["--method", "rollout"]) == 2  # another method's files are not resumed
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "method is \"reciprocam block=-2" in err and "there but 'rollout" in err and "--restart" in err
-    assert cli.main(args + ["--method", "rollout", "--restart"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 images" in printed and "adcc_of_means" in printed and "the ViT-ReciproCAM paper's Table 1" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["per_image.jsonl", "plot.png", "summary.json", "table.md"]
+    assert len((out / "per_image.jsonl").read_text().splitlines()) == 3
+    assert cli.main(args + ["--method", "reciprocam", "--metric", "deletion"]) == 2  # another run's files: refused
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "metrics is ['adcc'] there but ['deletion'] now" in err and "--restart" in err
+    assert cli.main(args + ["--method", "reciprocam", "--metric", "deletion", "--restart"]) == 0
+    assert cli.main(args + ["--use-labels"]) == 2
+    assert "--use-labels needs labels" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--data", str(folder), "--method", "rollout", "--metric", "constant",
+                     "--out", str(out)]) == 0  # --data, as before
+
+
+def test_evaluate_on_a_class_folder_tree_with_several_methods_and_metrics(tmp_path, capsys):
+    tree = tmp_path / "tree"
+    for name in ("cat_test3009.png", "ship_test8001.png"):
+        (tree / name.split("_")[0]).mkdir(parents=True)
+        shutil.copyfile(ASSETS / "samples" / name, tree / name.split("_")[0] / name)
+    out = tmp_path / "out"
+    code = cli.main(["evaluate", str(tree), "--use-labels", "--method", "rollout", "--method", "reciprocam-fast",
+                     "--metric", "deletion", "--metric", "constant", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert set(summary) == {"rollout", "reciprocam-fast"} and {"insertion", "constant"} <= set(summary["rollout"])
+    records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {r["method"] for r in records} == {"rollout", "reciprocam-fast"}
+    assert "| method | deletion↓ | insertion↑ | constant↓ |" in (out / "table.md").read_text()
 
 
 @pytest.mark.parametrize(

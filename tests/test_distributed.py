@@ -159,3 +159,44 @@ def test_known_evidence_on_two_gloo_processes_gives_the_single_process_result(tm
             assert list(merged[method]) == list(metrics)
             for name, value in metrics.items():  # 3 batches over 2 ranks, the random control included
                 assert torch.equal(merged[method][name], value), f"rank {rank}: {method} {name} differs"
+
+
+def _dataset_setup():
+    from conftest import make_model
+
+    model, _ = make_model("vit_reg4")
+    g = torch.Generator().manual_seed(5)
+    data = torch.utils.data.TensorDataset(torch.randn(11, 3, 64, 64, generator=g), torch.randint(0, 10, (11,), generator=g))
+    return model, data, dict(methods=["reciprocam-fast", "random"], metrics=["adcc", "deletion", "constant"],
+                             batch_size=3, progress=False, deletion_steps=4)
+
+
+def _dataset_rank(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from captum_vit.metrics import evaluate
+
+        model, data, options = _dataset_setup()
+        result = evaluate(model, data=data, checkpoint_dir=f"{out}/runs", **options)
+        torch.save({"values": result.values, "indices": result.indices}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_runner_on_a_dataset_shards_it_and_merges_exactly(tmp_path):
+    """A map-style dataset: each rank loads only its own batches (4 batches of 3 and 2 images over 2 ranks)."""
+    from captum_vit.metrics import evaluate
+
+    model, data, options = _dataset_setup()
+    with _one_thread():
+        single = evaluate(model, data=data, **options)
+    mp.spawn(_dataset_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        merged = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(merged["indices"], torch.arange(11))
+        for method, fields in single.values.items():
+            for name, value in fields.items():
+                assert torch.equal(merged["values"][method][name], value), f"rank {rank}: {method} {name}"
+    assert sorted(p.name for p in (tmp_path / "runs" / "random").iterdir()) == [
+        "batch_00000.pt", "batch_00001.pt", "batch_00002.pt", "batch_00003.pt", "manifest.json"]

@@ -1,8 +1,12 @@
 """Metrics for explanation maps.
 
+- :func:`evaluate`: every method x every metric of :data:`METRICS` over a
+  dataset or loader, streamed (memory bounded by the batch), with a progress
+  bar, per-batch checkpoints that record which run wrote them, resume,
+  ``torchrun`` sharding with an exact merge, per-image records and bootstrap
+  intervals (:class:`EvaluationResult`);
 - :func:`adcc` (Average Drop, Average Increase, Coherency, Complexity, ADCC)
-  and :func:`evaluate_adcc` over a ``DataLoader`` (progress bar, resumable
-  from a checkpoint directory that records which run wrote it);
+  and :func:`evaluate_adcc`, its evaluation over a loader;
 - :func:`pointing_game` on 2x2 mosaics (:func:`make_mosaic`) and
   :func:`box_localization` (pixel accuracy, IoU, Dice);
 - :func:`deletion_insertion` curves;
@@ -20,6 +24,8 @@ from ._adcc import ADCCResult, adcc, adcc_score, pearson
 from ._checkpoint import MANIFEST, CheckpointDirectory, CheckpointMismatchError
 from ._deletion import deletion_insertion
 from ._evaluate import evaluate_adcc, join_torchrun
+from ._registry import ALIASES, FIELDS, METRICS, ExplainedBatch, MetricSpec
+from ._runner import DatasetItems, EvaluationBatch, EvaluationResult, evaluate
 from ._evidence import bootstrap_interval, cascading_randomization, evidence_mass, rank_correlation, top_pixel_inside
 from ._known_evidence import (
     KNOWN_EVIDENCE_METRICS,
@@ -39,6 +45,15 @@ from ._maps import (
 
 __all__ = [
     "ADCCResult",
+    "ALIASES",
+    "DatasetItems",
+    "EvaluationBatch",
+    "EvaluationResult",
+    "ExplainedBatch",
+    "FIELDS",
+    "METRICS",
+    "MetricSpec",
+    "evaluate",
     "adcc",
     "adcc_score",
     "bootstrap_interval",

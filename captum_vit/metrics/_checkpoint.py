@@ -238,24 +238,3 @@ class CheckpointDirectory:
         tmp = _private_temporary(path)
         torch.save(dict(values, inputs_digest=inputs_digest), tmp)
         os.replace(tmp, path)  # atomic: a killed run never leaves half a batch
-
-
-def run_identity(
-    method: str, model: str, loader: Any, use_labels: bool, baseline: float, extra: Optional[Dict[str, Any]] = None
-) -> Dict[str, Any]:
-    """The manifest fields of one evaluation run (``batch_size`` is added at the first batch)."""
-    from .. import __version__
-
-    dataset = getattr(loader, "dataset", None)
-    identity: Dict[str, Any] = {
-        "captum_vit_version": __version__,
-        "method": method,
-        "model": model,
-        "use_labels": bool(use_labels),
-        "baseline": float(baseline),
-        "num_batches": len(loader) if hasattr(loader, "__len__") else None,
-        "dataset_size": len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None,
-    }
-    identity.update(extra or {})
-    return identity
-

@@ -5,20 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 
-from ._adcc import ADCCResult, adcc
-from ._checkpoint import CheckpointDirectory, method_identity, model_fingerprint, run_identity, tensor_digest
-
-
-def _batch_images_labels(batch: Any):
-    if isinstance(batch, (tuple, list)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    return batch, None
+from ._adcc import ADCCResult
+from ._checkpoint import method_identity
+from ._maps import as_explain_func
 
 
 def evaluate_adcc(
@@ -34,6 +27,8 @@ def evaluate_adcc(
     method_id: Optional[str] = None,
 ) -> ADCCResult:
     """ADCC over a ``DataLoader`` (or any iterable of ``images`` or ``(images, labels)``).
+
+    The ADCC metric of :func:`captum_vit.metrics.evaluate`, for one explainer.
 
     Args:
         forward_func: the model.
@@ -67,51 +62,20 @@ def evaluate_adcc(
     ``checkpoint_dir``, and every rank returns the merged result, equal to a
     single process's. Pass each rank's ``device``.
     """
+    from .. import __version__
+    from ._runner import run_evaluation
+
     if not isinstance(baseline, (int, float)) or isinstance(baseline, bool) or not math.isfinite(baseline):
         raise ValueError(f"baseline must be a finite number; got {baseline!r}.")
-    checkpoints = None
-    if checkpoint_dir is not None:
-        identity = run_identity(
-            method_id or method_identity(explain_func), model_fingerprint(forward_func), loader, use_labels, baseline
-        )
-        checkpoints = CheckpointDirectory(checkpoint_dir, identity, restart=restart)
-        checkpoints.check_manifest(getattr(loader, "batch_size", None))  # refuse before any work when possible
-    names = [f.name for f in fields(ADCCResult)]
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    rank, world = distributed_rank_and_size()
-    results: Dict[int, ADCCResult] = {}
-    bar = tqdm(loader, total=total, desc="ADCC", unit="batch", disable=not progress or rank != 0)
-    for i, batch in enumerate(bar):
-        images, labels = _batch_images_labels(batch)
-        if checkpoints is not None and i == 0 and isinstance(images, Tensor):
-            # every rank sees batch 0, so every rank records the same batch size (its own first batch may be
-            # the shorter last one)
-            checkpoints.check_manifest(int(images.shape[0]))
-        if i % world != rank:  # under torchrun, rank r explains batches r, r + world, ...
-            continue
-        if not isinstance(images, Tensor):
-            raise TypeError(f"batch {i} of the loader holds {type(images).__name__}, not a tensor of images.")
-        if use_labels and labels is None:
-            raise ValueError("use_labels=True needs a loader of (images, labels) batches.")
-        result = None
-        if checkpoints is not None:
-            digest = tensor_digest(images, labels if use_labels else None)
-            saved = checkpoints.load(i, digest, names)
-            result = ADCCResult(**saved) if saved is not None else None
-        if result is None:
-            if device is not None:
-                images = images.to(device)
-            target = labels if use_labels else None
-            result = adcc(forward_func, explain_func, images, target=target, baseline=baseline)
-            if checkpoints is not None:
-                checkpoints.save(i, digest, vars(result))
-        results[i] = result
-        bar.set_postfix(adcc=f"{ADCCResult.cat(list(results.values())).summary()['adcc_of_means']:.1f}")
-    if world > 1:
-        results = _gather_batches(results, names)
-    if not results:
-        raise ValueError("the loader yielded no batches.")
-    return ADCCResult.cat([results[i] for i in sorted(results)])
+    identity = {"method": method_id or method_identity(explain_func), "captum_vit_version": __version__,
+                "baseline": float(baseline)}
+    result = run_evaluation(forward_func, {"adcc": as_explain_func(explain_func)}, loader, ["adcc"],
+                            use_labels=use_labels, device=device, progress=progress, baseline=float(baseline),
+                            restart=restart, identity=identity,
+                            checkpoint_folder=None if checkpoint_dir is None else (lambda _: Path(checkpoint_dir)))
+    values = result.values["adcc"]
+    return ADCCResult(**{f.name: values[f.name].bool() if f.name == "constant_map" else values[f.name]
+                         for f in fields(ADCCResult)})
 
 
 def join_torchrun(device: torch.device | str = "cpu") -> Optional[torch.device]:
@@ -142,12 +106,6 @@ def distributed_rank_and_size() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _gather_batches(mine: Dict[int, ADCCResult], names: List[str]) -> Dict[int, ADCCResult]:
-    """Every rank's batches on every rank, by batch index (so the merge is the single-process result)."""
-    payload = {i: {n: getattr(r, n).cpu() for n in names} for i, r in mine.items()}
-    return {i: ADCCResult(**fields_) for part in from_every_rank(payload) for i, fields_ in part.items()}
 
 
 def from_every_rank(value: Any) -> List[Any]:

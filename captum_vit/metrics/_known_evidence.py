@@ -9,7 +9,6 @@ numbers) and every rank receives the merged result.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -17,20 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ._adcc import adcc
-from ._checkpoint import CheckpointDirectory, model_fingerprint, tensor_digest
-from ._deletion import deletion_insertion
-from ._evaluate import distributed_rank_and_size, from_every_rank
 from ._evidence import (
     bootstrap_interval,
-    cascading_randomization,
-    evidence_mass,
-    rank_correlation,
-    top_pixel_inside,
 )
-from ._localization import box_localization, box_mask
+from ._localization import box_mask
 
 #: pointing counts a hit within this many pixels of the mark (half a patch of the 64x64 canvases)
 POINTING_GROW = 4
@@ -125,6 +115,8 @@ def evaluate_known_evidence(
 ) -> KnownEvidenceResult:
     """Score each registry method on ``n`` canvases of each variant (:mod:`captum_vit.evidence`).
 
+    The known-evidence metrics of :func:`captum_vit.metrics.evaluate` on canvases it makes.
+
     Args:
         model: a classifier of the canvases' six mark colours (e.g.
             :func:`captum_vit.evidence.load_evidence_model`), mapping
@@ -146,9 +138,8 @@ def evaluate_known_evidence(
         progress: show a progress bar (rank 0 only).
         checkpoint_dir: if given, each method's finished batches are written
             to ``checkpoint_dir/<method>/batch_*.pt`` (with a manifest of the
-            run, as :func:`captum_vit.metrics.evaluate_adcc` does) and reused
-            by a later call of the same run; under ``torchrun`` each rank
-            writes its own batches there.
+            run) and reused by a later call of the same run; under
+            ``torchrun`` each rank writes its own batches there.
         restart: delete ``checkpoint_dir``'s results of these methods first.
 
     Returns:
@@ -156,9 +147,9 @@ def evaluate_known_evidence(
         bootstrap intervals.
     """
     from .. import __version__
-    from ..adapters import UnsupportedModelError
     from ..evidence import CANVAS, make_canvases
-    from ..methods import REGISTRY, explainer
+    from ..methods import REGISTRY
+    from ._runner import evaluate
 
     unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
@@ -170,59 +161,36 @@ def evaluate_known_evidence(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     variants = {name: KnownEvidenceCanvases(make_canvases(backgrounds, name, n, seed + k), CANVAS)
                 for k, name in enumerate(("single", "pair", "distractor"))}
-    rank, world = distributed_rank_and_size()
-    batches = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    mine = [b for b in range(len(batches)) if b % world == rank]
+    batches = [_evidence_batch(variants, slice(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    metrics = ["evidence_mass", "pointing", "boxes", "deletion", "adcc", "pair", "distractor", "constant"]
+    identity = {"n": n, "seed": seed, "randomization": bool(randomization), "deletion_steps": deletion_steps,
+                "captum_vit_version": __version__}
+    result = evaluate(model, list(methods), batches, metrics + (["randomization"] if randomization else []),
+                      use_labels=True, checkpoint_dir=checkpoint_dir, restart=restart, device=device,
+                      progress=progress, seed=seed, deletion_steps=deletion_steps, pointing_margin=POINTING_GROW,
+                      identity=identity)
+    keep = [*KNOWN_EVIDENCE_METRICS, *(f"spearman/{stage}" for stage in result.stages)]
+    return KnownEvidenceResult(
+        n=n, accuracy=_accuracy(model, variants, device), unsupported=result.unsupported, stages=result.stages,
+        values={m: {k: v[k] for k in keep if k in v} for m, v in result.values.items()},
+    )
 
-    accuracy = _accuracy(model, variants, device)
-    result = KnownEvidenceResult(n=n, accuracy=accuracy)
-    # the randomised models, built once: depth + 2 copies of a tiny canvas model
-    cascade = ([(stage, copy.deepcopy(randomised)) for stage, randomised in cascading_randomization(model, seed=seed)]
-               if randomization else [])
-    result.stages = [stage for stage, _ in cascade]
-    fields = list(KNOWN_EVIDENCE_METRICS) + [f"spearman/{stage}" for stage in result.stages]
-    bar = tqdm(total=len(methods) * len(mine), desc="known evidence", disable=not progress or rank != 0)
-    parts: Dict[Tuple[str, str, int], Tensor] = {}
-    for method in methods:
-        try:
-            probe = explainer(method, model)  # a method that refuses this model does so here
-        except UnsupportedModelError as error:
-            result.unsupported[method] = str(error)
-            bar.update(len(mine))
-            continue
-        checkpoints = None
-        if checkpoint_dir is not None:
-            identity = {"method": probe.identity, "model": model_fingerprint(model), "n": n,
-                        "seed": seed, "randomization": bool(randomization), "deletion_steps": deletion_steps,
-                        "captum_vit_version": __version__, "num_batches": len(batches)}
-            checkpoints = CheckpointDirectory(Path(checkpoint_dir) / method, identity, restart=restart)
-            checkpoints.check_manifest(batch_size)
-        for b in mine:
-            rows = batches[b]
-            digest = tensor_digest(*(v.images[rows] for v in variants.values()))
-            scores = checkpoints.load(b, digest, fields) if checkpoints is not None else None
-            if scores is None:
-                explain = explainer(method, model, seed=seed + b)
-                scores, maps = _score_batch(model, explain, variants, rows, device, deletion_steps)
-                single = variants["single"]
-                for index, (stage, randomised) in enumerate(cascade):
-                    explain = explainer(method, randomised, seed=seed + 10_000 * (index + 1) + b)
-                    random_maps = explain(single.images[rows].to(device), single.target[rows].to(device))
-                    scores[f"spearman/{stage}"] = rank_correlation(maps, random_maps.detach().cpu())
-                if checkpoints is not None:
-                    checkpoints.save(b, digest, scores)
-            parts.update({(method, k, b): v for k, v in scores.items()})
-            bar.update()
-    bar.close()
-    if world > 1:  # every rank gets every batch, keyed by batch index
-        parts = {k: v for part in from_every_rank(parts) for k, v in part.items()}
-        result.unsupported = {k: v for part in from_every_rank(result.unsupported) for k, v in part.items()}
-    metrics: Dict[str, Dict[str, None]] = {}
-    for method, metric, _ in parts:  # every method's metrics, in the order they were computed
-        metrics.setdefault(method, {})[metric] = None
-    result.values = {m: {k: torch.cat([parts[m, k, b] for b in range(len(batches))]) for k in metrics[m]}
-                     for m in methods if m in metrics}
-    return result
+
+def _evidence_batch(variants: Dict[str, KnownEvidenceCanvases], rows: slice) -> Any:
+    """One batch of the three variants, as the runner reads it (the *single* canvases are the images)."""
+    from ._runner import EvaluationBatch
+
+    single, pair, distractor = variants["single"], variants["pair"], variants["distractor"]
+    extra = {
+        "pair_images": pair.images[rows], "pair_target": pair.target[rows],
+        "pair_second_target": pair.second_target[rows], "pair_near": pair.near[rows],
+        "pair_second_near": pair.second_near[rows],
+        "distractor_images": distractor.images[rows], "distractor_target": distractor.target[rows],
+        "distractor_mark_near": distractor.near[rows], "distractor_near": distractor.distractor_near[rows],
+        "distractor_mask": distractor.distractor[rows],
+    }
+    return EvaluationBatch(single.images[rows], single.target[rows], [[box] for box in single.boxes[rows]],
+                           torch.arange(rows.start, rows.stop), extra)
 
 
 @torch.no_grad()
@@ -237,34 +205,3 @@ def _accuracy(model: nn.Module, variants: Dict[str, KnownEvidenceCanvases], devi
         else:
             out[name] = (logits.argmax(1) == v.target).float().mean().item()
     return out
-
-
-def _score_batch(
-    model: nn.Module, explain: Any, variants: Dict[str, KnownEvidenceCanvases], rows: slice, device: torch.device, steps: int
-) -> Tuple[Dict[str, Tensor], Tensor]:
-    single, pair, distractor = variants["single"], variants["pair"], variants["distractor"]
-    x, t = single.images[rows].to(device), single.target[rows].to(device)
-    maps = explain(x, t).detach().cpu()
-    scores = {"evidence_mass": evidence_mass(maps, single.mark[rows]),
-              "pointing": top_pixel_inside(maps, single.near[rows])}
-    boxes = box_localization(maps, [[box] for box in single.boxes[rows]], size=tuple(single.mark.shape[-2:]))
-    scores["iou"], scores["dice"] = boxes["iou"], boxes["dice"]
-    deletion, insertion = deletion_insertion(model, x, maps.to(device), t, steps=steps)
-    scores["deletion"], scores["insertion"] = deletion.cpu(), insertion.cpu()
-    scores["adcc"] = adcc(model, explain, x, t).adcc
-
-    xp = pair.images[rows].to(device)
-    first = explain(xp, pair.target[rows].to(device)).detach().cpu()
-    second = explain(xp, pair.second_target[rows].to(device)).detach().cpu()
-    own_first = top_pixel_inside(first, pair.near[rows]) * (1 - top_pixel_inside(first, pair.second_near[rows]))
-    own_second = top_pixel_inside(second, pair.second_near[rows]) * (1 - top_pixel_inside(second, pair.near[rows]))
-    scores["pair_pointing"] = (own_first + own_second) / 2
-
-    xd = distractor.images[rows].to(device)
-    dmaps = explain(xd, distractor.target[rows].to(device)).detach().cpu()
-    on_mark = top_pixel_inside(dmaps, distractor.near[rows])
-    scores["distractor_pointing"] = on_mark * (1 - top_pixel_inside(dmaps, distractor.distractor_near[rows]))
-    scores["distractor_mass"] = evidence_mass(dmaps, distractor.distractor[rows])
-    flat = maps.flatten(1)
-    scores["constant"] = (flat.max(1).values - flat.min(1).values <= 0).float()
-    return {k: v.float() for k, v in scores.items()}, maps

@@ -1,0 +1,206 @@
+"""Every metric by name: what it measures, which way is better, what it needs, how one batch is scored.
+
+The evaluation runner (:func:`captum_vit.metrics.evaluate`) takes metrics from
+this one registry. A metric reads an :class:`ExplainedBatch` (the images, the
+explained classes, their maps, and what the data provides) and returns
+per-image values, one ``(N,)`` tensor per field. ``needs`` says what the data
+must provide: ``"boxes"`` (ground-truth boxes), ``"evidence"`` (known-evidence
+canvases: marks, pairs, distractors) or ``"randomized"`` (the cascade of
+randomised models the runner builds when asked).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._adcc import ADCCResult, adcc
+from ._deletion import deletion_insertion
+from ._evidence import evidence_mass, rank_correlation, top_pixel_inside
+from ._localization import box_localization, box_mask
+
+
+@dataclass
+class ExplainedBatch:
+    """One batch of one method, as metrics read it.
+
+    ``images`` ``(N, C, H, W)`` on the device, ``target`` ``(N,)`` the explained
+    classes, ``maps`` ``(N, 1, h, w)`` their explanations (made on first read,
+    detached, on the CPU); ``boxes``: per image a list of ``(x0, y0, x1, y1)``;
+    ``extra``: what else the data carries (known-evidence canvases: 4-D
+    tensors and ``*_target`` tensors on the device); ``explain(inputs,
+    target)`` the method; ``forward_func`` the model; ``randomized`` the
+    ``(stage, explain)`` pairs of the cascading randomisation; ``options``
+    the runner's metric options (``deletion_steps``, ``baseline``,
+    ``pointing_margin``).
+    """
+
+    images: Tensor
+    target: Tensor
+    explain: Callable[[Tensor, Tensor], Tensor]
+    forward_func: Callable[..., Any]
+    boxes: Optional[List[List[Tuple[int, int, int, int]]]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+    randomized: Sequence[Tuple[str, Callable[[Tensor, Tensor], Tensor]]] = ()
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def maps(self) -> Tensor:
+        """The method's maps of ``target``, made when a metric first reads them (ADCC makes its own)."""
+        return self.explain(self.images, self.target).detach().cpu()
+
+    def box_masks(self, grow: int = 0) -> Tensor:
+        """``(N, H, W)`` bool: each image's boxes, grown by ``grow`` pixels, clipped to the image."""
+        if self.boxes is None:
+            raise ValueError("this metric needs ground-truth boxes: give (image, label, boxes) items or a boxes file "
+                             "(CLI: --boxes).")
+        H, W = self.images.shape[-2:]
+        grown = [[(x0 - grow, y0 - grow, x1 + grow, y1 + grow) for x0, y0, x1, y1 in boxes] for boxes in self.boxes]
+        return torch.from_numpy(np.stack([box_mask(b, H, W) for b in grown]))
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One registry entry: ``compute(batch) -> {field: (N,) values}``."""
+
+    name: str
+    description: str
+    higher_is_better: bool
+    compute: Callable[[ExplainedBatch], Dict[str, Tensor]] = field(repr=False)
+    fields: Tuple[str, ...] = ()
+    needs: FrozenSet[str] = frozenset()
+
+    def output_fields(self, stages: Sequence[str] = ()) -> Tuple[str, ...]:
+        if self.name == "randomization":
+            return tuple(f"spearman/{stage}" for stage in stages)
+        return self.fields or (self.name,)
+
+
+def _adcc(batch: ExplainedBatch) -> Dict[str, Tensor]:
+    result = adcc(batch.forward_func, batch.explain, batch.images, batch.target,
+                  baseline=batch.options.get("baseline", 0.0))
+    return {k: v.float() for k, v in vars(result).items()}
+
+
+def _deletion_insertion(batch: ExplainedBatch) -> Dict[str, Tensor]:
+    deletion, insertion = deletion_insertion(batch.forward_func, batch.images, batch.maps.to(batch.images.device),
+                                             batch.target, steps=batch.options.get("deletion_steps", 16),
+                                             baseline=batch.options.get("baseline", 0.0))
+    return {"deletion": deletion.cpu(), "insertion": insertion.cpu()}
+
+
+def _pointing(batch: ExplainedBatch) -> Dict[str, Tensor]:
+    return {"pointing": top_pixel_inside(batch.maps, batch.box_masks(batch.options.get("pointing_margin", 0)))}
+
+
+def _mass(batch: ExplainedBatch) -> Dict[str, Tensor]:
+    return {"evidence_mass": evidence_mass(batch.maps, batch.box_masks())}
+
+
+def _boxes(batch: ExplainedBatch) -> Dict[str, Tensor]:
+    scores = box_localization(batch.maps, batch.boxes, size=tuple(batch.images.shape[-2:]))  # type: ignore[arg-type]
+    return {k: scores[k] for k in ("iou", "dice", "pixel_accuracy")}
+
+
+def _constant(batch: ExplainedBatch) -> Dict[str, Tensor]:
+    flat = batch.maps.flatten(1)
+    return {"constant": (flat.max(1).values - flat.min(1).values <= 0).float()}
+
+
+def _pair(batch: ExplainedBatch) -> Dict[str, Tensor]:
+    pair = batch.extra
+    first = batch.explain(pair["pair_images"], pair["pair_target"]).detach().cpu()
+    second = batch.explain(pair["pair_images"], pair["pair_second_target"]).detach().cpu()
+    near, second_near = pair["pair_near"], pair["pair_second_near"]
+    own_first = top_pixel_inside(first, near) * (1 - top_pixel_inside(first, second_near))
+    own_second = top_pixel_inside(second, second_near) * (1 - top_pixel_inside(second, near))
+    return {"pair_pointing": (own_first + own_second) / 2}
+
+
+def _distractor(batch: ExplainedBatch) -> Dict[str, Tensor]:
+    extra = batch.extra
+    maps = batch.explain(extra["distractor_images"], extra["distractor_target"]).detach().cpu()
+    on_mark = top_pixel_inside(maps, extra["distractor_mark_near"])
+    return {"distractor_pointing": on_mark * (1 - top_pixel_inside(maps, extra["distractor_near"])),
+            "distractor_mass": evidence_mass(maps, extra["distractor_mask"])}
+
+
+def _randomization(batch: ExplainedBatch) -> Dict[str, Tensor]:
+    return {f"spearman/{stage}": rank_correlation(batch.maps, explain(batch.images, batch.target).detach().cpu())
+            for stage, explain in batch.randomized}
+
+
+_SPECS = (
+    MetricSpec("evidence_mass", "share of the map's positive mass inside the boxes (or the decisive mark)", True,
+               _mass, needs=frozenset({"boxes"})),
+    MetricSpec("pointing", "the map's maximum lies in a box (within pointing_margin pixels)", True, _pointing,
+               needs=frozenset({"boxes"})),
+    MetricSpec("boxes", "IoU, Dice and pixel accuracy of the thresholded map's boxes (AGCAM protocol)", True,
+               _boxes, fields=("iou", "dice", "pixel_accuracy"), needs=frozenset({"boxes"})),
+    MetricSpec("deletion", "deletion and insertion AUC (pixels to the baseline in the map's order)", True,
+               _deletion_insertion, fields=("deletion", "insertion")),
+    MetricSpec("adcc", "Average Drop, Average Increase, Coherency, Complexity and ADCC (Poppi et al.)", True, _adcc,
+               fields=tuple(f.name for f in fields(ADCCResult))),
+    MetricSpec("pair", "class-specific pointing on two-mark canvases (known evidence)", True, _pair,
+               fields=("pair_pointing",), needs=frozenset({"evidence"})),
+    MetricSpec("distractor", "pointing past, and mass on, a distractor (known evidence)", True, _distractor,
+               fields=("distractor_pointing", "distractor_mass"), needs=frozenset({"evidence"})),
+    MetricSpec("constant", "the map is constant: it carries no ordering at all", False, _constant),
+    MetricSpec("randomization", "Spearman of the map with the map of the model randomised from the head down", False,
+               _randomization, needs=frozenset({"randomized"})),
+)
+
+#: name -> entry
+METRICS: Dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
+#: per-image field -> (what it measures, True when higher is better); the runner's summary reads it
+FIELDS: Dict[str, Tuple[str, bool]] = {
+    "evidence_mass": (METRICS["evidence_mass"].description, True),
+    "pointing": (METRICS["pointing"].description, True),
+    "iou": ("IoU of the thresholded map's boxes with the ground truth", True),
+    "dice": ("Dice of the thresholded map's boxes with the ground truth", True),
+    "pixel_accuracy": ("pixel accuracy of the thresholded map's boxes", True),
+    "deletion": ("deletion AUC: the target's probability as the map's pixels are removed", False),
+    "insertion": ("insertion AUC: the target's probability as the map's pixels are revealed", True),
+    "average_drop": ("ADCC's Average Drop: the probability lost on the map-masked image", False),
+    "average_increase": ("ADCC's Average Increase: the masked image scores higher", True),
+    "coherency": ("ADCC's Coherency: the map of the masked image correlates with the map", True),
+    "complexity": ("ADCC's Complexity: the map's mean value", False),
+    "adcc": ("ADCC: the harmonic mean of coherency, 1 - complexity and 1 - average drop", True),
+    "constant_map": ("ADCC's flag: the map (or the masked image's) is constant", False),
+    "pair_pointing": (METRICS["pair"].description, True),
+    "distractor_pointing": ("the maximum is on the decisive mark, not on the distractor", True),
+    "distractor_mass": ("share of positive map mass inside the distractor", False),
+    "constant": (METRICS["constant"].description, False),
+}
+
+
+def higher_is_better(field_name: str) -> bool:
+    """Which way ``field_name`` is better (a Spearman correlation with a randomised model: lower)."""
+    return not field_name.startswith("spearman/") and FIELDS.get(field_name, ("", True))[1]
+
+
+#: names that select an entry by one of its fields, or a group of entries
+ALIASES: Dict[str, Tuple[str, ...]] = {
+    "insertion": ("deletion",), "iou": ("boxes",), "dice": ("boxes",),
+    "known_evidence": ("evidence_mass", "pointing", "boxes", "deletion", "adcc", "pair", "distractor", "constant"),
+}
+
+
+def resolve_metrics(names: Sequence[str]) -> List[MetricSpec]:
+    """Registry entries for ``names`` (entry names, or :data:`ALIASES`), in order, each once; checked."""
+    specs: List[MetricSpec] = []
+    for name in names:
+        keys = ALIASES.get(name, (name,))
+        for key in keys:
+            if key not in METRICS:
+                raise ValueError(f"unknown metric {name!r}; choose from {', '.join([*METRICS, *ALIASES])}.")
+            if METRICS[key] not in specs:
+                specs.append(METRICS[key])
+    if not specs:
+        raise ValueError("give at least one metric.")
+    return specs
