@@ -2,23 +2,30 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+TESTS := $(VENV)/.installed-test
 
 .PHONY: demo test venv clean
 
-$(STAMP): setup.cfg pyproject.toml
+# the package and its own requirements: all the demo needs
+$(BASE): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(BASE)
+
+# the test extra on top: transformers, open_clip, ONNX, OpenVINO, Quantus, mkdocs, notebooks
+$(TESTS): $(BASE)
 	$(PY) -m pip install --quiet -e ".[test]"
-	touch $(STAMP)
+	touch $(TESTS)
 
-venv: $(STAMP)
+venv: $(TESTS)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(VENV)/bin/captum-vit demo --out demo_out
 
-test: $(STAMP)
+test: $(TESTS)
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache site

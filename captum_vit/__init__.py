@@ -28,4 +28,4 @@ __all__ = [
     "TransformerAttribution",
     "UnsupportedModelError",
 ]
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -209,17 +209,24 @@ def prepare_targets(target: Any, batch_size: int) -> Targets:
     if isinstance(target, int):
         _check_int64(target)
         return Targets(torch.full((batch_size, 1), target, dtype=torch.long), several=False)
-    if isinstance(target, list):
-        if not all(isinstance(t, (int, list, Tensor)) or hasattr(t, "__index__") for t in target) or any(
-            isinstance(t, bool) for t in target
-        ):
-            raise TypeError("a list target must hold one class index (or a list of them) per example.")
-        for t in _flatten(target):
-            _check_int64(t)
-        try:
-            target = torch.as_tensor(target)
-        except (ValueError, TypeError, RuntimeError) as err:
-            raise ValueError(f"could not read the list target as a (B,) or (B, k) index: {err}") from None
+    return _tensor_targets(_list_target(target) if isinstance(target, list) else target, batch_size)
+
+
+def _list_target(target: list) -> Tensor:
+    if not all(isinstance(t, (int, list, Tensor)) or hasattr(t, "__index__") for t in target) or any(
+        isinstance(t, bool) for t in target
+    ):
+        raise TypeError("a list target must hold one class index (or a list of them) per example.")
+    for t in _flatten(target):
+        _check_int64(t)
+    try:
+        return torch.as_tensor(target)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ValueError(f"could not read the list target as a (B,) or (B, k) index: {err}") from None
+
+
+def _tensor_targets(target: Any, batch_size: int) -> Targets:
+    """A tensor target of one of the accepted shapes, checked against the batch."""
     if not isinstance(target, Tensor):
         raise TypeError(f"unsupported target type {type(target).__name__}; use an int, a list or a tensor.")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:

@@ -17,18 +17,19 @@ class AttentionGuidedGradCAM(AttentionExplainer, GradientAttribution):
     Leem & Seo, "Attention Guided CAM: Visual Explanations of Vision
     Transformer Guided by Self-Attention", AAAI 2024 (arXiv 2402.04563).
 
-    For every explained block :math:`k` and head :math:`h`, with
-    :math:`S = (q \cdot \text{scale})\,k^\top` the pre-softmax scores and
-    :math:`A = \mathrm{softmax}(S)`:
+    For every explained block \(k\) and head \(h\), with
+    \(S = (q \cdot \text{scale})\,k^\top\) the pre-softmax scores and
+    \(A = \mathrm{softmax}(S)\):
 
-    .. math::
+    \[
         \mathrm{cam} = \sum_k \sum_h \sigma(S_{k,h})_{0,P:}\;
         \mathrm{ReLU}\!\left(\frac{\partial y_c}{\partial A_{k,h}}\right)_{0,P:}
+    \]
 
-    where :math:`y_c` is the raw logit of the target class, row 0 is the class
-    token's query, the first :math:`P` (prefix-token) columns are dropped, and
+    where \(y_c\) is the raw logit of the target class, row 0 is the class
+    token's query, the first \(P\) (prefix-token) columns are dropped, and
     the input of every attention module is detached, so the gradient reaches
-    :math:`A` only through skip connections and MLPs (as the reference code).
+    \(A\) only through skip connections and MLPs (as the reference code).
     The ``h*w`` result is reshaped to the patch grid and min-max scaled.
 
     Unlike the reference code (batch size 1), any batch works, with a target

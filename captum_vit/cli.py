@@ -19,6 +19,7 @@ import difflib
 import glob
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -160,6 +161,50 @@ def _read_images(paths: Sequence[Path], preprocess: Callable) -> Tuple[List[Tupl
     return good, failed
 
 
+#: the CLI options of ViT-ReciproCAM's entries and of the attention methods, as registry options
+RECIPROCAM_FLAGS = ("block", "kernel", "residual", "scores")
+LAYER_METHODS = ("agcam", "rollout", "grad-rollout")
+
+
+def method_options(args: argparse.Namespace, methods: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Each method's options from ``--block/--kernel/--residual/--scores`` and ``--layers``; refused where none applies."""
+    given = {flag: getattr(args, flag) for flag in RECIPROCAM_FLAGS if getattr(args, flag, None) is not None}
+    layers = getattr(args, "layers", None)
+    reciprocam = [m for m in methods if m.startswith("reciprocam")]
+    if given and not reciprocam:
+        flags = ", ".join(f"--{f}" for f in given)
+        raise UsageError(f"{flags} set ViT-ReciproCAM's options; add --method reciprocam (or another reciprocam-* entry).")
+    if layers is not None and not any(m in LAYER_METHODS for m in methods):
+        raise UsageError(f"--layers selects the blocks of {', '.join(LAYER_METHODS)}; add one of them with --method.")
+    options: Dict[str, Dict[str, Any]] = {}
+    for m in methods:
+        if m in reciprocam:
+            options[m] = dict(given)
+        elif m in LAYER_METHODS and layers is not None:
+            options[m] = {"layers": layers}
+    return options
+
+
+def _layers(text: str) -> List[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices separated by commas (e.g. -1,-2), got {text!r}") from None
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    from .reciprocam import KERNELS, RESIDUALS, SCORES
+
+    parser.add_argument("--block", type=int, default=None,
+                        help="ViT-ReciproCAM's block, from the end as -1 (default: each entry's, -2 for reciprocam)")
+    parser.add_argument("--kernel", default=None, choices=KERNELS, help="ViT-ReciproCAM's mask kernel")
+    parser.add_argument("--residual", default=None, choices=RESIDUALS,
+                        help="ViT-ReciproCAM's residual of the masked block (docs/methods.md 1.1)")
+    parser.add_argument("--scores", default=None, choices=SCORES, help="ViT-ReciproCAM's score of each masked copy")
+    parser.add_argument("--layers", type=_layers, default=None,
+                        help="the blocks AGCAM and the rollouts read, e.g. -1,-2 (default: every block)")
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .data import denormalize
     from .methods import explainer
@@ -170,9 +215,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if not paths:
         raise UsageError(f"{', '.join(unmatched)}: no such file, or no images in it.")
     out = _output_dir(args.out)
-    loaded = _load(args.model, args.arch, device)
     methods = args.method or ["reciprocam"]
-    fns = {m: explainer(m, loaded.forward, vit=loaded.vit, normalize=False) for m in methods}
+    options = method_options(args, methods)
+    loaded = _load(args.model, args.arch, device)
+    print(f"model: {_describe_model(args.model, loaded)}")
+    fns = {m: explainer(m, loaded.forward, vit=loaded.vit, normalize=False, **options.get(m, {})) for m in methods}
     failed = [f"{spec} (no such file, or no images in it)" for spec in unmatched]
     stems: Dict[str, int] = {}
     for start in range(0, len(paths), args.batch_size):
@@ -185,6 +232,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         with torch.no_grad():
             probs = loaded.forward(x).float().softmax(-1)
         C = probs.shape[1]
+        if args.top_k > C and start == 0:
+            print(f"captum-vit: --top-k {args.top_k} is more than the model's {C} classes; explaining all {C}.",
+                  file=sys.stderr)
         if args.target is not None:
             targets = [[resolve_class(args.target, loaded.class_names, C)]] * len(batch)
         else:
@@ -266,10 +316,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"model: {_describe_model(args.model, loaded)}")
     dataset = _evaluation_data(data, args, loaded)
     methods, metrics = args.method or ["reciprocam"], args.metric or ["adcc"]
+    options = method_options(args, methods)
+    start = time.perf_counter()
     try:
         result = evaluate(loaded.forward, methods, dataset, metrics, use_labels=args.use_labels, batch_size=args.batch,
                           num_workers=args.num_workers, checkpoint_dir=args.checkpoint_dir, restart=args.restart,
-                          records_dir=out, device=device)
+                          records_dir=out, device=device, method_options=options)
     finally:
         if distributed is not None:
             import torch.distributed as dist
@@ -280,7 +332,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .reports import write_evaluation
 
     written = write_evaluation(result, out, title=f"{', '.join(TITLES[m] for m in methods)} on {args.model}, "
-                                                  f"{len(result.indices)} images")
+                                                  f"{len(result.indices)} images", seconds=time.perf_counter() - start)
     print(f"{len(result.indices)} images, {len(methods)} method(s): {', '.join(TITLES[m] for m in methods)}")
     print(written.explained)
     print(f"written: {', '.join(str(p) for p in written.files)}")
@@ -301,37 +353,44 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"captum-vit: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="captum-vit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    methods_help = "; ".join(f"{m}: {TITLES[m]}" for m in CLI_METHODS)
-    devices = ["auto", "cpu", "cuda"]
+MODEL_HELP = "timm model name (pretrained=True), a local .safetensors/.pth checkpoint, or 'default'"
+DEVICES = ["auto", "cpu", "cuda"]
+DEVICE_HELP = "auto (default): CUDA when there is a GPU, else the CPU"
 
-    model_help = "timm model name (pretrained=True), a local .safetensors/.pth checkpoint, or 'default'"
+
+def _methods_help() -> str:
+    return "; ".join(f"{m}: {TITLES[m]}" for m in CLI_METHODS)
+
+
+def _explain_parser(sub: Any) -> None:
     explain = sub.add_parser("explain", help="explain images and write overlays (PNG) and raw maps (.npy)")
     explain.add_argument("images", nargs="+", help="image files, folders (every image inside) or globs")
-    explain.add_argument("--model", default="default", help=model_help)
+    explain.add_argument("--model", default="default", help=MODEL_HELP)
     explain.add_argument("--arch", default=None, help="timm architecture of a .pth/.safetensors checkpoint")
     explain.add_argument("--method", action="append", choices=CLI_METHODS, metavar="METHOD",
-                         help=f"repeat for several (default: reciprocam). {methods_help}")
+                         help=f"repeat for several (default: reciprocam). {_methods_help()}")
     explain.add_argument("--target", default=None,
                          help="class index or name, case-insensitive, any synonym (default: the top-k predictions)")
-    explain.add_argument("--top-k", type=_positive_int, default=1)
+    explain.add_argument("--top-k", type=_positive_int, default=1,
+                         help="explain each image's k most probable classes (default 1); ignored with --target")
     explain.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch (default 8)")
-    explain.add_argument("--out", default="captum_vit_out")
-    explain.add_argument("--device", default="auto", choices=devices)
+    explain.add_argument("--out", default="captum_vit_out",
+                         help="folder for the overlays (PNG) and raw maps (.npy) (default captum_vit_out)")
+    explain.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    _add_method_options(explain)
     explain.set_defaults(func=cmd_explain)
 
+
+def _evaluate_parser(sub: Any) -> None:
     evaluate = sub.add_parser("evaluate", help="score methods with metrics over a dataset, with a progress bar")
     evaluate.add_argument("data_path", nargs="?", metavar="DATA",
                           help="a folder of images (class subfolders give labels, matched to the model's classes by "
                                "name), a .txt list of image paths, or a CIFAR-10 .npz archive")
     evaluate.add_argument("--data", default=None, help="the same as DATA (kept for older scripts)")
-    evaluate.add_argument("--model", default="default", help=model_help)
+    evaluate.add_argument("--model", default="default", help=MODEL_HELP)
     evaluate.add_argument("--arch", default=None, help="timm architecture of a .pth/.safetensors checkpoint")
     evaluate.add_argument("--method", action="append", choices=CLI_METHODS, metavar="METHOD",
-                          help=f"repeat for several (default: reciprocam). {methods_help}")
+                          help=f"repeat for several (default: reciprocam). {_methods_help()}")
     evaluate.add_argument("--metric", action="append", choices=METRIC_CHOICES, metavar="METRIC",
                           help="repeat for several (default: adcc): " + "; ".join(METRIC_CHOICES))
     evaluate.add_argument("--limit", type=_positive_int, default=None,
@@ -348,15 +407,28 @@ def build_parser() -> argparse.ArgumentParser:
                           help="folder for summary.json, per_image.jsonl, table.md and plot.png")
     evaluate.add_argument("--checkpoint-dir", default=None, help="write finished batches here; resume from them")
     evaluate.add_argument("--restart", action="store_true", help="delete --checkpoint-dir's results and start over")
-    evaluate.add_argument("--device", default="auto", choices=devices)
+    evaluate.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    _add_method_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def _demo_parser(sub: Any) -> None:
     demo = sub.add_parser("demo", help="explain the bundled images with the embedded model")
-    demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--device", default="auto", choices=devices)
+    demo.add_argument("--out", default="demo_out", help="folder for the figures (default demo_out)")
+    demo.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     demo.add_argument("--method", action="append", choices=CLI_METHODS, metavar="METHOD",
                       help="repeat for several (default: reciprocam, agcam, ig)")
     demo.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="captum-vit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _explain_parser(sub)
+    _evaluate_parser(sub)
+    _demo_parser(sub)
     return parser
 
 

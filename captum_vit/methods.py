@@ -54,6 +54,15 @@ class BuildContext:
     ig_steps: int = 50
     seed: int = 0
     normalize: bool = True
+    #: the caller's options for this method (``block``, ``kernel``, ``residual``, ``scores`` for ViT-ReciproCAM;
+    #: ``layers`` for the attention methods); each builder takes the ones that apply and refuses the rest
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def refuse_options(self, name: str, accepted: Tuple[str, ...] = ()) -> None:
+        extra = sorted(set(self.options) - set(accepted))
+        if extra:
+            takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"
+            raise ValueError(f"{name} has no option {', '.join(extra)}; {takes}.")
 
 
 #: a builder: the context -> (explain function, the options that change its maps)
@@ -105,36 +114,51 @@ class MethodExplainer:
 
 
 # -- builders ----------------------------------------------------------------------
-def reciprocam_builder(block: int, **options: Any) -> Builder:
-    """ViT-ReciproCAM on block ``block`` (negative: from the end) with ``attribute`` options."""
+RECIPROCAM_OPTIONS = ("block", "kernel", "residual", "scores", "keep_prefix_tokens")
+
+
+def reciprocam_builder(block: int, **defaults: Any) -> Builder:
+    """ViT-ReciproCAM on block ``block`` (negative: from the end) with ``attribute`` options; the caller's
+    options (:data:`RECIPROCAM_OPTIONS`) override them."""
 
     def build(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
-        adapter = find_adapter(context.forward_func, None, context.vit)
-        depth = len(adapter.blocks)
-        if not -depth <= block < depth:
-            raise UnsupportedModelError(
-                f"this entry explains block {block}, and the model has {depth} block(s); explain the last block "
-                "with 'reciprocam-fast', or pass the block to LayerReciproCAM yourself."
-            )
-        cam = LayerReciproCAM(context.forward_func, adapter.blocks[block], vit=adapter.model)
-        kw = dict(options, normalize=context.normalize, batch_size=context.batch_size)
-        return (lambda x, t: cam.attribute(x, target=t, **kw)), dict(options, block=block, normalize=context.normalize)
+        context.refuse_options("ViT-ReciproCAM", RECIPROCAM_OPTIONS)
+        options = dict(defaults, **{k: v for k, v in context.options.items() if k != "block"})
+        chosen = int(context.options.get("block", block))
+        return _reciprocam(context, chosen, options)
 
     return build
+
+
+def _reciprocam(context: BuildContext, block: int, options: Dict[str, Any]) -> Tuple[ExplainFn, Dict[str, Any]]:
+    adapter = find_adapter(context.forward_func, None, context.vit)
+    depth = len(adapter.blocks)
+    if not -depth <= block < depth:
+        raise UnsupportedModelError(
+            f"this entry explains block {block}, and the model has {depth} block(s); explain the last block "
+            f"with 'reciprocam-fast', or choose a block (CLI: --block) from -1 to -{depth}."
+        )
+    cam = LayerReciproCAM(context.forward_func, adapter.blocks[block], vit=adapter.model)
+    kw = dict(options, normalize=context.normalize, batch_size=context.batch_size)
+    return (lambda x, t: cam.attribute(x, target=t, **kw)), dict(options, block=block, normalize=context.normalize)
 
 
 def attention_builder(cls: Type[Any]) -> Builder:
     """An :class:`~captum_vit._attention.AttentionExplainer` over every block."""
 
     def build(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
-        method = cls(context.forward_func, vit=context.vit)
+        takes_layers = cls is not TransformerAttribution  # relevance flows through every block
+        context.refuse_options(cls.__name__, ("layers",) if takes_layers else ())
+        extra = {"layers": context.options["layers"]} if "layers" in context.options else {}
+        method = cls(context.forward_func, vit=context.vit, **extra)
         kw = dict(normalize=context.normalize, batch_size=context.batch_size)
-        return (lambda x, t: method.attribute(x, target=t, **kw)), {"normalize": context.normalize}
+        return (lambda x, t: method.attribute(x, target=t, **kw)), {"normalize": context.normalize, **extra}
 
     return build
 
 
 def _integrated_gradients(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
+    context.refuse_options("IntegratedGradients")
     ig = IntegratedGradients(context.forward_func)
     steps, batch = context.ig_steps, context.batch_size
     return (lambda x, t: integrated_gradients_map(ig, x, t, n_steps=steps, internal_batch_size=batch)), {
@@ -142,11 +166,13 @@ def _integrated_gradients(context: BuildContext) -> Tuple[ExplainFn, Dict[str, A
 
 
 def _layer_gradcam(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
+    context.refuse_options("LayerGradCam")
     gradcam = vit_layer_gradcam(context.forward_func, vit=context.vit)
     return (lambda x, t: gradcam.attribute(x, target=t, relu_attributions=True)), {}
 
 
 def _random_control(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
+    context.refuse_options("the random control")
     adapter = find_adapter(context.forward_func, None, context.vit)
     generator = torch.Generator().manual_seed(context.seed)
 
@@ -192,6 +218,7 @@ def explainer(
     ig_steps: int = 50,
     seed: int = 0,
     normalize: bool = True,
+    **options: Any,
 ) -> MethodExplainer:
     """``explain(inputs, target)`` for method ``name`` (see the module table).
 
@@ -205,6 +232,10 @@ def explainer(
         seed: seed of the random control.
         normalize: min-max scale captum_vit's own methods' maps per image
             (their ``attribute(normalize=...)``); ``False`` gives raw scores.
+        options: the method's own options, overriding the entry's: ``block``,
+            ``kernel``, ``residual``, ``scores``, ``keep_prefix_tokens`` for
+            ViT-ReciproCAM; ``layers`` for AGCAM and the rollouts. An option
+            the method does not take is refused.
 
     The returned function gives unnormalised maps for Captum's baselines and
     the random control, and maps scaled as ``normalize`` says for the rest,
@@ -213,5 +244,5 @@ def explainer(
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
     context = BuildContext(forward_func, vit=vit, batch_size=batch_size, ig_steps=ig_steps, seed=seed,
-                           normalize=normalize)
+                           normalize=normalize, options=options)
     return REGISTRY[name].build(context)

@@ -194,10 +194,11 @@ def load_timm_model(name: str, checkpoint: Optional[str | Path] = None, num_clas
     from timm.data import resolve_data_config
 
     if not timm.is_model(name):
-        raise ModelSpecError(
-            f"unknown model {name!r}: not a timm model name (timm.list_models('*deit*') lists them) "
-            "nor a checkpoint file."
-        )
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.75)
+        hint = f"; close matches: {', '.join(close)}" if close else " (timm.list_models('*deit*') lists them)"
+        raise ModelSpecError(f"unknown model {name!r}: not a timm model name nor a checkpoint file{hint}.")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if checkpoint is None:
         with _hub_offline_unless_reachable() as reachable:

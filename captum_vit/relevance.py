@@ -33,12 +33,12 @@ def _per_example_sum(t: Tensor) -> Tensor:
 
 
 def linear_relevance(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
-    r"""LRP-:math:`\alpha\beta` with :math:`\alpha=1, \beta=0` through ``x @ weight.T`` (bias ignored).
+    r"""LRP-\(\alpha\beta\) with \(\alpha=1, \beta=0\) through ``x @ weight.T`` (bias ignored).
 
-    With :math:`x^\pm, w^\pm` the positive and negative parts,
-    :math:`Z = x^+ w^{+\top} + x^- w^{-\top}` (the positive contributions) and
-    :math:`S = R / Z`: :math:`R_x = x^+ (S w^+) + x^- (S w^-)`. Conserves
-    :math:`\sum R` wherever :math:`Z \neq 0`.
+    With \(x^\pm, w^\pm\) the positive and negative parts,
+    \(Z = x^+ w^{+\top} + x^- w^{-\top}\) (the positive contributions) and
+    \(S = R / Z\): \(R_x = x^+ (S w^+) + x^- (S w^-)\). Conserves
+    \(\sum R\) wherever \(Z \neq 0\).
     """
     px, nx = x.clamp(min=0), x.clamp(max=0)
     pw, nw = weight.clamp(min=0), weight.clamp(max=0)
@@ -49,8 +49,8 @@ def linear_relevance(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
 def product_relevance(a: Tensor, b: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor]:
     r"""Gradient x input through ``a @ b`` (the authors' ``einsum`` rule), each half of it.
 
-    :math:`S = R / (a b)`: :math:`R_a = a \odot (S b^\top) / 2`,
-    :math:`R_b = b \odot (a^\top S) / 2`; together they conserve :math:`\sum R`.
+    \(S = R / (a b)\): \(R_a = a \odot (S b^\top) / 2\),
+    \(R_b = b \odot (a^\top S) / 2\); together they conserve \(\sum R\).
     """
     s = safe_divide(relevance, a @ b)
     return a * (s @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ s) / 2
@@ -59,9 +59,9 @@ def product_relevance(a: Tensor, b: Tensor, relevance: Tensor) -> Tuple[Tensor, 
 def add_relevance(a: Tensor, b: Tensor, relevance: Tensor) -> Tuple[Tensor, Tensor]:
     r"""The authors' residual rule for ``a + b``, per example.
 
-    :math:`R_a = a \odot R / (a + b)` and likewise :math:`R_b`, then each is
-    rescaled so the two totals split :math:`\sum R` in proportion to
-    :math:`|\sum R_a|` and :math:`|\sum R_b|`: conservation is exact.
+    \(R_a = a \odot R / (a + b)\) and likewise \(R_b\), then each is
+    rescaled so the two totals split \(\sum R\) in proportion to
+    \(|\sum R_a|\) and \(|\sum R_b|\): conservation is exact.
     """
     s = safe_divide(relevance, a + b)
     ra, rb = a * s, b * s
@@ -137,24 +137,25 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
     Beyond Attention Visualization", CVPR 2021): the "Relevance" baseline of
     both ViT-ReciproCAM and AGCAM.
 
-    For the target class :math:`c`, LRP relevance starts from the one-hot
-    :math:`c` at the head and is propagated down through every block; for
-    each block :math:`b`, :math:`R(A_b)` is the relevance that reaches its
-    attention weights, and with :math:`\nabla A_b = \partial y_c / \partial A_b`:
+    For the target class \(c\), LRP relevance starts from the one-hot
+    \(c\) at the head and is propagated down through every block; for
+    each block \(b\), \(R(A_b)\) is the relevance that reaches its
+    attention weights, and with \(\nabla A_b = \partial y_c / \partial A_b\):
 
-    .. math::
+    \[
         \bar A_b = \mathrm{mean}_h\big(\max(0,\ \nabla A_b \odot R(A_b))\big),\qquad
         C = (\bar A_L + I) \cdots (\bar A_1 + I)
+    \]
 
     read at the class-token row and the patch columns. The LRP rules are the
-    authors': linear layers :math:`\alpha=1, \beta=0` (:func:`linear_relevance`),
+    authors': linear layers \(\alpha=1, \beta=0\) (:func:`linear_relevance`),
     both attention products gradient x input with the relevance split between
     the operands (:func:`product_relevance`), residual additions rescaled to
     conserve relevance (:func:`add_relevance`), a tensor used twice summing
     its uses' relevance (:func:`clone_relevance`), LayerNorm, GELU, softmax and
     dropout passing relevance through, and class-token pooling as an index
     selection (:func:`head_relevance`). The authors' patch-embedding rule
-    (:math:`z^\mathcal{B}`) acts below the first block and never reaches this
+    (\(z^\mathcal{B}\)) acts below the first block and never reaches this
     map, so it is not run.
 
     Their code takes one image at a time; here a batch is one forward pass,

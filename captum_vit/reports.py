@@ -106,8 +106,8 @@ def plot(summary: Dict[str, Dict[str, Dict[str, Any]]], path: Path, title: str) 
     return path
 
 
-def write_evaluation(result: EvaluationResult, out: Path, title: str) -> WrittenEvaluation:
-    """Write the evaluation's files into ``out``."""
+def write_evaluation(result: EvaluationResult, out: Path, title: str, seconds: float = float("nan")) -> WrittenEvaluation:
+    """Write the evaluation's files into ``out`` (``seconds``: how long the evaluation took, for summary.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_of(result)
@@ -115,7 +115,7 @@ def write_evaluation(result: EvaluationResult, out: Path, title: str) -> Written
         raise ValueError("no method could run on this model: " + "; ".join(f"{m}: {why}" for m, why in
                                                                            result.unsupported.items()))
     files = [out / "summary.json", out / "per_image.jsonl", out / "table.md", out / "plot.png"]
-    files[0].write_text(json.dumps({"title": title, "n": len(result.indices), "summary": summary,
+    files[0].write_text(json.dumps({"title": title, "n": len(result.indices), "seconds": seconds, "summary": summary,
                                     "unsupported": result.unsupported}, indent=2))
     with files[1].open("w") as f:
         for record in result.records():

@@ -15,8 +15,8 @@ class AttentionRollout(AttentionExplainer, Attribution):
     r"""Attention Rollout (Abnar & Zuidema, "Quantifying Attention Flow in
     Transformers", ACL 2020).
 
-    Per block, :math:`\bar A = \mathrm{rownorm}(\mathrm{mean}_h A + I)`;
-    the rollout is :math:`\bar A_L \cdots \bar A_1` (multiplied from the
+    Per block, \(\bar A = \mathrm{rownorm}(\mathrm{mean}_h A + I)\);
+    the rollout is \(\bar A_L \cdots \bar A_1\) (multiplied from the
     first block), read at the class-token row and the patch columns.
     Class-agnostic: every target gets the same map.
     """
@@ -40,11 +40,11 @@ class GradientRollout(AttentionExplainer, GradientAttribution):
     Attention-model Explainability for Interpreting Bi-Modal and
     Encoder-Decoder Transformers", ICCV 2021).
 
-    Per block, :math:`\bar A = \mathrm{mean}_h(\mathrm{ReLU}(\nabla_A y_c \odot A))`
+    Per block, \(\bar A = \mathrm{mean}_h(\mathrm{ReLU}(\nabla_A y_c \odot A))\)
     (the paper's Eq. 5 and the authors' ``avg_heads``: the ReLU comes before
     the head mean; captum_vit 0.1 took it after, which gave different maps)
-    with :math:`y_c` the target logit; accumulated as
-    :math:`R \leftarrow R + \bar A R` from :math:`R = I` in block order, read
+    with \(y_c\) the target logit; accumulated as
+    \(R \leftarrow R + \bar A R\) from \(R = I\) in block order, read
     at the class-token row and the patch columns.
     """
 

@@ -27,7 +27,19 @@ def test_the_site_builds_strictly(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     api = (site / "api" / "index.html").read_text()
-    for name in ("LayerReciproCAM", "AttentionGuidedGradCAM", "TransformerAttribution", "evaluate_adcc"):
+    for name in ("LayerReciproCAM", "AttentionGuidedGradCAM", "TransformerAttribution", "evaluate_adcc", "evaluate",
+                 "explanation_figure", "ImageFolderDataset"):
         assert name in api
-    assert (site / "methods" / "index.html").exists()
+    for page in ("methods", "getting-started", "evidence", "performance", "quality", "export", "guarantees"):
+        assert (site / page / "index.html").exists(), page
+    # the docstrings' maths reaches KaTeX: no literal reST role is left, and the renderer ships with the site
+    assert ":math:" not in api and ".. math::" not in api
+    assert api.count('class="arithmatex"') >= 30
+    for asset in ("katex.min.js", "katex.min.css", "contrib/auto-render.min.js", "fonts/KaTeX_Main-Regular.woff2"):
+        assert (site / "assets" / "katex" / asset).exists(), asset
     shutil.rmtree(site)
+
+
+def test_the_built_site_is_ignored_and_the_changelog_page_is_the_changelog():
+    assert "site/" in (ROOT / ".gitignore").read_text().split()
+    assert (ROOT / "docs" / "changelog.md").read_text() == (ROOT / "CHANGELOG.md").read_text()

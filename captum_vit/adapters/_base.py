@@ -77,7 +77,7 @@ def merge_heads(o: Tensor) -> Tensor:
 
 
 class AttentionMath:
-    """Explicit self-attention of one module, from the family's own parts.
+    r"""Explicit self-attention of one module, from the family's own parts.
 
     A family supplies :meth:`project` (the per-token ``q, k, v`` after any
     per-token transform: biases, q/k norms, rotary embeddings) and
@@ -85,9 +85,10 @@ class AttentionMath:
     projection); :meth:`score_bias` adds a relative-position bias where the
     family has one. Everything else is written once here:
 
-    .. math::
-        S = (q \\cdot \\text{scale})\\,k^\\top + \\text{bias},\\quad A = \\mathrm{softmax}(S),\\quad
-        \\text{out} = \\mathrm{finish}(A v).
+    \[
+        S = (q \cdot \text{scale})\,k^\top + \text{bias},\quad A = \mathrm{softmax}(S),\quad
+        \text{out} = \mathrm{finish}(A v).
+    \]
 
     ``project`` and ``finish`` must act on each token on its own (no mixing
     across tokens): the ReciproCAM fast paths rely on that and their

@@ -79,6 +79,28 @@ def pearson(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(constant, torch.zeros_like(r), r).float(), constant
 
 
+def _adcc_rows(forward_func: Callable[..., Any], explain: Callable[[Tensor, Tensor], Any], x: Tensor, targets: Any,
+               rows: slice, baseline: Any) -> ADCCResult:
+    """ADCC's parts for the images ``x`` (examples ``rows``): the map, the map-masked image, its map."""
+    with torch.no_grad():
+        probs = forward_logits(forward_func, (x,)).float().softmax(-1)
+    t = targets.resolve(probs, rows)[:, 0]
+    maps = upsample_maps(checked_maps(explain(x, t), x.shape[0], "adcc"), x.shape[-2:])
+    explanation = baseline + maps.to(x.dtype) * (x - baseline)
+    with torch.no_grad():
+        probs_e = forward_logits(forward_func, (explanation,)).float().softmax(-1)
+    y = probs.gather(1, t[:, None])[:, 0]
+    o = probs_e.gather(1, t[:, None])[:, 0]
+    maps_e = upsample_maps(checked_maps(explain(explanation, t), x.shape[0], "adcc"), x.shape[-2:])
+    r, constant = pearson(maps, maps_e)
+    drop = (y - o).clamp_min(0) / y.clamp_min(1e-12)
+    coherency = torch.where(constant, torch.zeros_like(r), (r + 1) / 2)
+    complexity = maps.flatten(1).abs().mean(1)
+    return ADCCResult(average_drop=drop.cpu(), average_increase=(o > y).float().cpu(), coherency=coherency.cpu(),
+                      complexity=complexity.cpu(), adcc=adcc_score(drop, coherency, complexity).cpu(),
+                      constant_map=constant.cpu())
+
+
 def adcc(
     forward_func: Callable[..., Any],
     explain_func: Any,
@@ -114,33 +136,8 @@ def adcc(
         raise ValueError("adcc takes one target per example.")
     check_batch_size(batch_size)
     explain = as_explain_func(explain_func)
-    results = []
-    for rows in row_chunks(prepared.batch_size, batch_size):
-        x = prepared.images[rows]
-        with torch.no_grad():
-            probs = forward_logits(forward_func, (x,)).float().softmax(-1)
-        t = targets.resolve(probs, rows)[:, 0]
-        maps = upsample_maps(checked_maps(explain(x, t), x.shape[0], "adcc"), x.shape[-2:])
-        explanation = baseline + maps.to(x.dtype) * (x - baseline)
-        with torch.no_grad():
-            probs_e = forward_logits(forward_func, (explanation,)).float().softmax(-1)
-        y = probs.gather(1, t[:, None])[:, 0]
-        o = probs_e.gather(1, t[:, None])[:, 0]
-        maps_e = upsample_maps(checked_maps(explain(explanation, t), x.shape[0], "adcc"), x.shape[-2:])
-        r, constant = pearson(maps, maps_e)
-        drop = (y - o).clamp_min(0) / y.clamp_min(1e-12)
-        coherency = torch.where(constant, torch.zeros_like(r), (r + 1) / 2)
-        complexity = maps.flatten(1).abs().mean(1)
-        results.append(
-            ADCCResult(
-                average_drop=drop.cpu(),
-                average_increase=(o > y).float().cpu(),
-                coherency=coherency.cpu(),
-                complexity=complexity.cpu(),
-                adcc=adcc_score(drop, coherency, complexity).cpu(),
-                constant_map=constant.cpu(),
-            )
-        )
+    results = [_adcc_rows(forward_func, explain, prepared.images[rows], targets, rows, baseline)
+               for rows in row_chunks(prepared.batch_size, batch_size)]
     result = ADCCResult.cat(results)
     if result.constant_map.any():
         warnings.warn(

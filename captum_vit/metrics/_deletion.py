@@ -11,6 +11,26 @@ from .._utils import check_batch_size, forward_logits, prepare_inputs, prepare_t
 from ._maps import check_number, checked_maps, upsample_maps
 
 
+def _curves(forward_func: Callable[..., Any], x: Tensor, order: Tensor, counts: Tensor, baseline: float,
+            targets: Any, rows: slice) -> Tensor:
+    """``(2, n, steps + 1)``: the target's probability as the top ``counts[k]`` pixels are deleted / inserted."""
+    n, C, H, W = x.shape
+    steps = len(counts) - 1
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(H * W, device=order.device).expand(n, -1).contiguous())
+    revealed = ranks[:, None, :] < counts.to(ranks.device)[None, :, None]  # (n, steps+1, H*W): the top counts[k]
+    revealed = revealed.view(n, steps + 1, 1, H, W).to(x.dtype)
+    base = torch.full_like(x, baseline)[:, None]
+    deleted = x[:, None] * (1 - revealed) + base * revealed
+    inserted = base * (1 - revealed) + x[:, None] * revealed
+    with torch.no_grad():
+        logits = forward_logits(forward_func, (torch.cat([deleted, inserted], dim=1).reshape(-1, C, H, W),)).float()
+    probs = logits.softmax(-1)
+    first = probs.view(n, 2 * (steps + 1), -1)[:, 0]  # row 0 of each deletion curve is the image: it resolves the target
+    t = targets.resolve(first, rows)[:, 0].repeat_interleave(2 * (steps + 1))
+    return probs.gather(1, t[:, None]).view(n, 2, steps + 1).permute(1, 0, 2).cpu()
+
+
 def deletion_insertion(
     forward_func: Callable[..., Any],
     inputs: Tensor,
@@ -61,24 +81,6 @@ def deletion_insertion(
     per_call = max(1, (batch_size or 64) // (2 * (steps + 1)))
     for start in range(0, N, per_call):
         rows = slice(start, min(start + per_call, N))
-        x = inputs[rows]
-        n = x.shape[0]
-        ranks = torch.empty_like(order[rows])
-        ranks.scatter_(1, order[rows], torch.arange(H * W, device=order.device).expand(n, -1).contiguous())
-        # revealed[k] is True for the top counts[k] pixels
-        revealed = ranks[:, None, :] < counts.to(ranks.device)[None, :, None]  # (n, steps+1, H*W)
-        revealed = revealed.view(n, steps + 1, 1, H, W).to(x.dtype)
-        base = torch.full_like(x, baseline)[:, None]
-        deleted = x[:, None] * (1 - revealed) + base * revealed
-        inserted = base * (1 - revealed) + x[:, None] * revealed
-        batch = torch.cat([deleted, inserted], dim=1).reshape(-1, C, H, W)
-        with torch.no_grad():
-            logits = forward_logits(forward_func, (batch,)).float()
-        probs = logits.softmax(-1)
-        # row 0 of each example's deletion curve is the image itself: its logits resolve the target
-        first = probs.view(n, 2 * (steps + 1), -1)[:, 0]
-        t = targets.resolve(first, rows)[:, 0].repeat_interleave(2 * (steps + 1))
-        p = probs.gather(1, t[:, None]).view(n, 2, steps + 1)
-        curves[:, rows] = p.permute(1, 0, 2).cpu()
+        curves[:, rows] = _curves(forward_func, inputs[rows], order[rows], counts, baseline, targets, rows)
     area = torch.trapezoid(curves, dx=1.0 / steps, dim=-1)
     return area[0], area[1]

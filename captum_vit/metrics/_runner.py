@@ -197,7 +197,17 @@ class _Run:
     seed: int
     options: Dict[str, Any]
     cascade: List[Tuple[str, nn.Module]]
+    method_options: Dict[str, Dict[str, Any]]
     checkpoints: Dict[str, Optional[CheckpointDirectory]]
+
+    def build(self, name: str, forward_func: Any, seed: int) -> Callable[[Tensor, Tensor], Tensor]:
+        """Method ``name`` on ``forward_func``: a registry method built (seeded), or the caller's callable."""
+        from ..methods import explainer
+
+        method = self.methods[name]
+        if not isinstance(method, str):
+            return method
+        return explainer(method, forward_func, seed=seed, **self.method_options.get(name, {}))
 
 
 def evaluate(
@@ -220,6 +230,7 @@ def evaluate(
     baseline: float = 0.0,
     pointing_margin: int = 0,
     identity: Optional[Dict[str, Any]] = None,
+    method_options: Optional[Dict[str, Dict[str, Any]]] = None,
 ) -> EvaluationResult:
     """Score each method with each metric on every image of ``data``; see :func:`run_evaluation`."""
     folders = None if checkpoint_dir is None else (lambda name: Path(checkpoint_dir) / _folder(name))
@@ -227,7 +238,7 @@ def evaluate(
                           num_workers=num_workers, transform=transform, checkpoint_folder=folders, restart=restart,
                           records_dir=records_dir, device=device, progress=progress, seed=seed,
                           deletion_steps=deletion_steps, baseline=baseline, pointing_margin=pointing_margin,
-                          identity=identity)
+                          identity=identity, method_options=method_options)
 
 
 def run_evaluation(
@@ -250,6 +261,7 @@ def run_evaluation(
     baseline: float = 0.0,
     pointing_margin: int = 0,
     identity: Optional[Dict[str, Any]] = None,
+    method_options: Optional[Dict[str, Dict[str, Any]]] = None,
 ) -> EvaluationResult:
     """Score each method with each metric on every image of ``data``.
 
@@ -285,6 +297,9 @@ def run_evaluation(
             (deletion/insertion steps and the value of removed pixels;
             pointing within this many pixels of a box).
         identity: extra fields of the run's checkpoint manifest.
+        method_options: per registry method, its own options
+            (:func:`captum_vit.methods.explainer`'s ``options``, e.g.
+            ``{"reciprocam": {"block": -3}}``).
 
     Returns:
         :class:`EvaluationResult`; ``.summary()`` gives means with 95 %
@@ -302,7 +317,7 @@ def run_evaluation(
     cascade = _cascade(model, seed) if any(s.name == "randomization" for s in specs) else []
     options = dict(deletion_steps=deletion_steps, baseline=baseline, pointing_margin=pointing_margin)
     run = _Run(forward_func, named, specs, use_labels, torch.device(device) if device is not None else None, seed,
-               options, cascade, {})
+               options, cascade, dict(method_options or {}), {})
     unsupported = _probe_methods(run)
     run.checkpoints = _checkpoints(run, unsupported, checkpoint_folder, restart, stream, identity)
     parts = _run_batches(run, stream, rank, records_dir, progress)
@@ -315,8 +330,6 @@ def _checkpoints(run: _Run, unsupported: Dict[str, str], folder_of: Optional[Cal
                  stream: _Stream, identity: Optional[Dict[str, Any]]) -> Dict[str, Optional[CheckpointDirectory]]:
     """One checkpoint folder per method (``None`` entries without ``folder_of``); another run's is refused before
     any work where the batch size is known."""
-    from ..methods import explainer
-
     base = {"model": model_fingerprint(run.forward_func), "use_labels": bool(run.use_labels), "seed": run.seed,
             "metrics": [s.name for s in run.metrics], "options": run.options, "num_batches": stream.num_batches,
             "dataset_size": stream.dataset_size, "randomization_stages": [s for s, _ in run.cascade]}
@@ -327,7 +340,8 @@ def _checkpoints(run: _Run, unsupported: Dict[str, str], folder_of: Optional[Cal
         if folder_of is None:
             out[name] = None
             continue
-        method_id = explainer(method, run.forward_func).identity if isinstance(method, str) else method_identity(method)
+        built = run.build(name, run.forward_func, run.seed)
+        method_id = built.identity if isinstance(method, str) else method_identity(method)  # type: ignore[attr-defined]
         out[name] = CheckpointDirectory(folder_of(name), {**base, "method": method_id, **(identity or {})},
                                         restart=restart)
         out[name].check_manifest(stream.batch_size)  # every rank, before any work, when the batch size is known
@@ -350,7 +364,7 @@ def _cascade(model: Optional[nn.Module], seed: int) -> List[Tuple[str, nn.Module
 def _probe_methods(run: _Run) -> Dict[str, str]:
     """Methods that refuse the model (said, not dropped silently); named ones must be in the registry."""
     from ..adapters import UnsupportedModelError
-    from ..methods import REGISTRY, explainer
+    from ..methods import REGISTRY
 
     unsupported: Dict[str, str] = {}
     for name, method in run.methods.items():
@@ -358,7 +372,7 @@ def _probe_methods(run: _Run) -> Dict[str, str]:
             if method not in REGISTRY:
                 raise ValueError(f"unknown method {method!r}; choose from {', '.join(REGISTRY)}.")
             try:
-                explainer(method, run.forward_func)
+                run.build(name, run.forward_func, run.seed)
             except UnsupportedModelError as error:
                 unsupported[name] = str(error)
         elif any(s.name == "randomization" for s in run.metrics):
@@ -438,22 +452,17 @@ def _check_needs(specs: Sequence[MetricSpec], batch: EvaluationBatch) -> None:
 
 
 def _compute(run: _Run, name: str, b: int, batch: EvaluationBatch, target: Tensor) -> Dict[str, Tensor]:
-    from ..methods import explainer
-
     _check_needs(run.metrics, batch)
-
-    def build(forward_func: Any, seed: int) -> Callable[[Tensor, Tensor], Tensor]:
-        method = run.methods[name]
-        return explainer(method, forward_func, seed=seed) if isinstance(method, str) else method
 
     device = run.device
     moved = {k: v.to(device) if isinstance(v, Tensor) and v.dim() == 4 and device is not None else v
              for k, v in batch.extra.items()}
     moved.update({k: v.to(device) for k, v in moved.items() if k.endswith("_target") and device is not None})
     images = batch.images if device is None else batch.images.to(device)
-    explain = build(run.forward_func, run.seed + b)
+    explain = run.build(name, run.forward_func, run.seed + b)
     t = target if device is None else target.to(device)
-    randomized = [(stage, build(model, run.seed + 10_000 * (i + 1) + b)) for i, (stage, model) in enumerate(run.cascade)]
+    randomized = [(stage, run.build(name, model, run.seed + 10_000 * (i + 1) + b))
+                  for i, (stage, model) in enumerate(run.cascade)]
     context = ExplainedBatch(images, t, explain, run.forward_func, batch.boxes, moved, randomized, run.options)
     values: Dict[str, Tensor] = {}
     for spec in run.metrics:

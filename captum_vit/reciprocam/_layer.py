@@ -36,25 +36,26 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
     Byun & Lee, "ViT-ReciproCAM: Gradient and Attention-Free Visual
     Explanations for Vision Transformer", arXiv 2310.02588.
 
-    For the explained block :math:`L` with input :math:`X` and
-    :math:`Z = \mathrm{norm1}(X)`, every patch cell :math:`k` of the
-    :math:`h \times w` grid gets a token mask :math:`M_k` (a 3x3 binomial
+    For the explained block \(L\) with input \(X\) and
+    \(Z = \mathrm{norm1}(X)\), every patch cell \(k\) of the
+    \(h \times w\) grid gets a token mask \(M_k\) (a 3x3 binomial
     kernel around the cell, or a one-hot "dirac"; prefix tokens kept) and a
-    masked copy :math:`Z_k = Z \odot M_k` that replaces the attention input;
-    the block's residual is :math:`R_k`:
+    masked copy \(Z_k = Z \odot M_k\) that replaces the attention input;
+    the block's residual is \(R_k\):
 
-    .. math::
+    \[
         y_k = R_k + \mathrm{ls1}(\mathrm{attn}(Z_k)),\quad
         y_k \leftarrow y_k + \mathrm{ls2}(\mathrm{mlp}(\mathrm{norm2}(y_k))).
+    \]
 
-    The method's authors published three codes that differ in :math:`R_k`
-    (``residual``): the unmasked block input :math:`X` (``"unmasked"``, the
+    The method's authors published three codes that differ in \(R_k\)
+    (``residual``): the unmasked block input \(X\) (``"unmasked"``, the
     default: the paper's "unmodified skip connected feature" and the authors'
     own repository ``sybyun/vitcam``, which explains the second-last block),
-    :math:`Z_k` (``"normalized"``, OpenVINO Training Extensions 1.x, last
-    block) or :math:`X \odot M_k` (``"input"``, OpenVINO XAI 1.1, last block,
+    \(Z_k\) (``"normalized"``, OpenVINO Training Extensions 1.x, last
+    block) or \(X \odot M_k\) (``"input"``, OpenVINO XAI 1.1, last block,
     with logits). The rest of the model runs on every copy, and the map of
-    class :math:`c` at cell :math:`k` is :math:`\mathrm{softmax}(f(y_k))_c`
+    class \(c\) at cell \(k\) is \(\mathrm{softmax}(f(y_k))_c\)
     (or the logit), min-max scaled per image and class. One pass scores every
     class, so maps for many targets cost no more than one
     (:meth:`attribute_all_classes`).
@@ -68,7 +69,7 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
       once per mask value and the copies share the projections; where the
       head reads only prefix tokens the last block computes only the prefix
       rows of each copy. For the last block that is about one extra forward
-      pass for all :math:`h w` copies; for an earlier block the copies still
+      pass for all \(h w\) copies; for an earlier block the copies still
       run the MLP of the explained block and every block in between.
 
     ``path="auto"`` (default) uses the fast path only where it is proven by
