@@ -192,9 +192,16 @@ class SharedProjectionCopies(CopyStrategy):
         self.prefix_output = prefix_output
 
     def copies_per_call(self, num_cells: int) -> int:
-        if self.prefix_output:  # nothing after the block sees the copies' patch rows: whole images per pass
-            return num_cells + 1
-        return super().copies_per_call(num_cells)
+        if not self.prefix_output:
+            return super().copies_per_call(num_cells)
+        # Nothing after the block sees the copies' patch rows: whole images per pass, as many as the token
+        # budget holds (an image's tokens before the block, its copies' prefix rows after), at most
+        # ``batch_size`` images, since inside the block each image computes at least one copy at a time.
+        P = self.adapter.num_prefix_tokens
+        images = max(1, GENERAL_TOKEN_BUDGET // (P + num_cells + (num_cells + 1) * P))
+        if self.options.batch_size:
+            images = min(images, self.options.batch_size)
+        return images * (num_cells + 1)
 
     def install(self, hooks: HookSet, forward: _Pass) -> None:
         super().install(hooks, forward)
