@@ -3,8 +3,9 @@
     python benchmarks/speed.py --model deit_small_patch16_224 --batch 8 --device cpu
     python benchmarks/speed.py --model deit_base_patch16_224 --batch 64 --device cuda --dtype bfloat16
 
-Methods, in order: plain forward (timed again at the end; the baseline is the
-mean of both); every method of the registry (``captum_vit.methods``, as the
+Each method is timed alternately with a plain forward pass of the same batch
+(forward, method, forward, method, ...), and its multiple of the forward is
+the ratio of the two medians. Methods: every method of the registry (``captum_vit.methods``, as the
 CLI runs them: ViT-ReciproCAM and its variants on their fast paths, AGCAM, the
 rollouts, Relevance, Captum IntegratedGradients with n_steps=50 and
 internal_batch_size=batch, LayerGradCam on the last block's norm1 tokens
@@ -28,7 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import timm
 import torch
@@ -88,21 +89,26 @@ def pytorch_grad_cam_methods(model: torch.nn.Module, batch: int) -> Dict[str, Ca
     return {"pgc-scorecam": run(score), "pgc-ablationcam": run(ablation)}
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> List[float]:
-    def sync():
+def timed(fn: Callable[[], Any], forward: Callable[[], Any], device: torch.device, repeats: int,
+          warmup: int) -> Tuple[List[float], List[float]]:
+    """Seconds of ``fn`` and of the plain forward, run alternately: on a shared machine the load changes
+    within minutes, and a ratio is only meaningful when both sides of it met the same load."""
+
+    def once(f: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        f()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
     for _ in range(warmup):
         fn()
-    sync()
-    times = []
+        forward()
+    method_s, forward_s = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
+        forward_s.append(once(forward))
+        method_s.append(once(fn))
+    return method_s, forward_s
 
 
 def main(argv: List[str] | None = None) -> Dict[str, Any]:
@@ -132,30 +138,24 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     )
     rows = []
     names = [n for n in args.methods.split(",") if n != "forward"]
-    # The plain forward is timed first and last: on a shared CPU the first timed method runs
-    # measurably slower or faster than later ones, and the baseline must not carry that bias.
-    sequence = ["forward", *names, "forward"]
-    forward_runs = []
-    for name in sequence:
+    forward_all: List[float] = []
+    for name in names:
         if name not in methods:
             print(f"skipping {name}: not available (pytorch-grad-cam not installed?)", file=sys.stderr)
             continue
         slow = name.startswith("pgc-") or name == "ig"  # minutes per run on a CPU: timed once
         with autocast:
-            times = timed(lambda: methods[name](images, targets), device,
-                          args.slow_repeats if slow else args.repeats, 0 if slow else args.warmup)
-        seconds = statistics.median(times)
-        if name == "forward":
-            forward_runs.append(seconds)
-            continue
-        rows.append({"method": name, "seconds": seconds, "runs": len(times)})
-        print(f"{name:>20}: {1000 * seconds / args.batch:9.2f} ms/image", file=sys.stderr, flush=True)
-    forward_s = statistics.mean(forward_runs)
-    rows.insert(0, {"method": "forward", "seconds": forward_s, "runs": args.repeats,
-                    "first_and_last_s": forward_runs})
-    for r in rows:
+            times, forward_times = timed(lambda: methods[name](images, targets), lambda: methods["forward"](images, targets),
+                                         device, args.slow_repeats if slow else args.repeats, 0 if slow else args.warmup)
+        forward_all += forward_times
+        rows.append({"method": name, "seconds": statistics.median(times), "runs": len(times),
+                     "forward_s": statistics.median(forward_times)})
+        print(f"{name:>20}: {1000 * rows[-1]['seconds'] / args.batch:9.2f} ms/image", file=sys.stderr, flush=True)
+    rows.insert(0, {"method": "forward", "seconds": statistics.median(forward_all), "runs": len(forward_all),
+                    "forward_s": statistics.median(forward_all)})
+    for r in rows:  # each method against the forwards timed beside it
         r.update(images_per_s=args.batch / r["seconds"], ms_per_image=1000 * r["seconds"] / args.batch,
-                 x_forward=r["seconds"] / forward_s)
+                 x_forward=r["seconds"] / r["forward_s"])
 
     meta = {
         "model": args.model, "batch": args.batch, "device": str(device), "dtype": args.dtype,
