@@ -29,8 +29,9 @@ CASES = {
     "agcam": "AttentionGuidedGradCAM",
     "rollout": "AttentionRollout",
     "grad-rollout": "GradientRollout",
-    "reciprocam": "LayerReciproCAM (fast path)",
-    "reciprocam-bs64": "LayerReciproCAM (fast path, batch_size=64)",
+    "reciprocam": "LayerReciproCAM, block -2 (the default, fast path)",
+    "reciprocam-last": "LayerReciproCAM, last block (fast path)",
+    "reciprocam-last-bs64": "LayerReciproCAM, last block (fast path, batch_size=64)",
 }
 
 
@@ -63,7 +64,9 @@ def _run_case(case: str, model, images) -> None:
         GradientRollout(model).attribute(images, target=0)
     elif case.startswith("reciprocam"):
         batch_size = 64 if case.endswith("bs64") else None
-        LayerReciproCAM(model, model.blocks[-1]).attribute(images, target=0, path="fast", batch_size=batch_size)
+        block, residual = (-1, "normalized") if "last" in case else (-2, "unmasked")  # the registry's two settings
+        LayerReciproCAM(model, model.blocks[block]).attribute(images, target=0, path="fast", batch_size=batch_size,
+                                                              residual=residual)
     else:
         raise ValueError(case)
 

@@ -93,3 +93,24 @@ def test_module_level_imports_form_no_circle():
 def test_the_circle_finder_finds_a_circle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) == []
+
+
+def _private_uses_outside(folder: Path) -> List[str]:
+    """``captum_vit`` private modules or names imported by the scripts and tests in ``folder``."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("captum_vit"):
+                names = (node.module or "").split(".") + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [part for a in node.names if a.name.startswith("captum_vit") for part in a.name.split(".")]
+            else:
+                continue
+            if any(n.startswith("_") and not n.startswith("__") for n in names):
+                found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_tests_benchmarks_and_tutorials_use_only_public_names():
+    root = PACKAGE.parent
+    assert [use for folder in ("tests", "benchmarks", "tutorials") for use in _private_uses_outside(root / folder)] == []
