@@ -1,12 +1,14 @@
-"""How the two official ViT-ReciproCAM variants differ, on the embedded model and the bundled images.
+"""How the three official ViT-ReciproCAM codes differ, on the embedded model and the bundled images.
 
-``residual="normalized"`` (the authors' first code, the specification, our
-default) feeds the masked normalised input ``Z*M`` as the explained block's
-residual and scores with softmax; ``residual="input", scores="logits"`` (the
-authors' later OpenVINO XAI code) feeds the masked block input ``X*M`` and
-returns raw logits. For each bundled image the figure shows both maps of the
-predicted class (raw ranges in the captions) and their Pearson correlation;
-it also prints the correlations and writes them as JSON.
+Each as its authors run it (docs/methods.md 1.1): their repository
+(block -2, ``residual="unmasked"``: the skip connection keeps the block input;
+softmax; captum_vit's default), OpenVINO Training Extensions 1.x (the last
+block, ``residual="normalized"``: the masked normalised input; softmax) and
+OpenVINO XAI 1.1 (the last block, ``residual="input"``: the masked block
+input; logits). For each bundled image the figure shows the three maps of
+the predicted class (raw ranges in the captions) and their Pearson
+correlation with the first; it also prints the correlations and writes them
+as JSON.
 
     python benchmarks/residual_figure.py --out benchmarks/results/reciprocam_residuals.png
 """
@@ -29,10 +31,11 @@ from captum_vit.metrics import pearson  # noqa: E402
 from captum_vit.models import default_model, sample_images  # noqa: E402
 from captum_vit.visualization import pyplot, display_image, draw_overlay  # noqa: E402
 
+#: title -> (block, attribute options)
 VARIANTS = {
-    "residual='normalized' (softmax)": dict(residual="normalized", scores="softmax"),
-    "residual='input' (logits)": dict(residual="input", scores="logits"),
-    "residual='input' (softmax)": dict(residual="input", scores="softmax"),
+    "authors' repository\nblock -2, unmasked, softmax": (-2, dict(residual="unmasked", scores="softmax")),
+    "OpenVINO Training Extensions\nlast block, normalized, softmax": (-1, dict(residual="normalized", scores="softmax")),
+    "OpenVINO XAI\nlast block, input, logits": (-1, dict(residual="input", scores="logits")),
 }
 
 
@@ -43,10 +46,11 @@ def main() -> None:
     loaded = default_model()
     pictures, labels = sample_images()
     images = torch.cat([loaded.preprocess(p) for p in pictures])
-    cam = LayerReciproCAM(loaded.forward, loaded.vit.blocks[-1])
     with torch.no_grad():
         predicted = loaded.forward(images).argmax(1)
-    maps = {name: cam.attribute(images, target=predicted, normalize=False, **kw) for name, kw in VARIANTS.items()}
+    maps = {name: LayerReciproCAM(loaded.forward, loaded.vit.blocks[block]).attribute(
+                images, target=predicted, normalize=False, **kw)
+            for name, (block, kw) in VARIANTS.items()}
     names = list(VARIANTS)
     correlation = {
         other: pearson(maps[names[0]], maps[other])[0].tolist() for other in names[1:]
@@ -74,7 +78,7 @@ def main() -> None:
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     for other, s in summary.items():
-        print(f"Pearson r of {names[0]} with {other}: median {s['median']:+.3f}, min {s['min']:+.3f}; "
+        print(f"Pearson r of {names[0]!r} with {other!r}: median {s['median']:+.3f}, min {s['min']:+.3f}; "
               f"per image {s['per_image']}")
     print(f"figure: {out}")
 
