@@ -2,14 +2,14 @@
 
 Methods (Captum ``Attribution`` subclasses with ``attribute(inputs, target=...)``):
 
-- :class:`LayerReciproCAM`: ViT-ReciproCAM, gradient-free token masking.
-- :class:`AttentionGuidedGradCAM`: AGCAM, sigmoid-guided attention gradients.
-- :class:`AttentionRollout`, :class:`GradientRollout` and
-  :class:`TransformerAttribution` (Chefer et al.'s LRP relevance): the baselines.
+- `LayerReciproCAM`: ViT-ReciproCAM, gradient-free token masking.
+- `AttentionGuidedGradCAM`: AGCAM, sigmoid-guided attention gradients.
+- `AttentionRollout`, `GradientRollout` and
+  `TransformerAttribution` (Chefer et al.'s LRP relevance): the baselines.
 
 Models: timm ViT/DeiT/NaFlexViT/EVA/BEiT, torchvision, transformers and
-open_clip ViTs, each through one adapter in :mod:`captum_vit.adapters`.
-Metrics live in :mod:`captum_vit.metrics`. Importing this package does not
+open_clip ViTs, each through one adapter in `captum_vit.adapters`.
+Metrics live in `captum_vit.metrics`. Importing this package does not
 import matplotlib.
 """
 

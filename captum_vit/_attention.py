@@ -1,9 +1,9 @@
 """One mechanism that exposes every block's attention: ``S``, ``A`` and ``dy/dA``.
 
 Fused attention kernels never materialise the scores ``S`` or the weights
-``A``. :class:`AttentionRecorder` registers a forward hook on each chosen
+``A``. `AttentionRecorder` registers a forward hook on each chosen
 attention module that re-computes the module's output with explicit matrices
-(the adapter's :class:`~captum_vit.adapters.AttentionMath`) and returns it in
+(the adapter's `~captum_vit.adapters.AttentionMath`) and returns it in
 place of the fused result, so ``A`` is part of the autograd graph. Nothing is
 edited: no flag is touched, and the hooks are removed on exit, also after an
 exception. Every hook call also checks that the explicit result equals the
@@ -212,7 +212,7 @@ def resolve_blocks(adapter: ViTAdapter, layers: Optional[Sequence[Any]]) -> List
 class AttentionExplainer:
     """Base of the attention-based explainers: owns capture, batching and output.
 
-    A subclass sets the class attributes below and implements :meth:`combine`,
+    A subclass sets the class attributes below and implements `combine`,
     which turns one forward's recorded attention (and, for gradient methods,
     ``dy/dA`` of one target per example) into ``(n, h*w)`` maps.
     """
@@ -221,9 +221,9 @@ class AttentionExplainer:
     detach_attention_input = False
     #: the map depends on the target through ``dy/dA``
     uses_gradients = False
-    #: query rows of ``S`` that :meth:`combine` reads (``None``: all, ``0``: none)
+    #: query rows of ``S`` that `combine` reads (``None``: all, ``0``: none)
     score_rows: Optional[int] = 0
-    #: with ``detach_attention_input``, the rows of ``A`` whose gradient :meth:`combine` reads
+    #: with ``detach_attention_input``, the rows of ``A`` whose gradient `combine` reads
     gradient_rows: int = 1
 
     def __init__(
@@ -272,9 +272,9 @@ class AttentionExplainer:
                     "LayerReciproCAM (its general path runs any attention module)."
                 )
 
-    #: record each explained block's input and the last one's output (for :meth:`prepare_backward`)
+    #: record each explained block's input and the last one's output (for `prepare_backward`)
     records_blocks = False
-    #: reduce each block's ``dy/dA`` during the backward pass with :meth:`reduce_gradient`
+    #: reduce each block's ``dy/dA`` during the backward pass with `reduce_gradient`
     #: (needs an attached graph: not with ``detach_attention_input``)
     reduces_gradients = False
 
@@ -282,11 +282,11 @@ class AttentionExplainer:
         """Called before the backward pass of each ``(n,)`` target column (default: nothing)."""
 
     def reduce_gradient(self, slot: int, weights: Tensor, grad: Tensor) -> Tensor:
-        """What :meth:`combine` reads of block ``slot``'s ``A`` and ``dy/dA`` (with :attr:`reduces_gradients`)."""
+        """What `combine` reads of block ``slot``'s ``A`` and ``dy/dA`` (with `reduces_gradients`)."""
         raise NotImplementedError
 
     def keep_weights(self, weights: Tensor) -> Tensor:
-        """What :meth:`combine` reads of one block's ``(n, H, T, T)`` weights (all, by default).
+        """What `combine` reads of one block's ``(n, H, T, T)`` weights (all, by default).
 
         Called during the forward, so a reduction here frees the rest at
         once. Gradient methods must keep ``A`` itself (``dy/dA`` is taken).
@@ -383,7 +383,7 @@ class AttentionExplainer:
         return torch.stack(maps, dim=1).view(n, k, h, w)
 
     def _gradients(self, score: Tensor, weights: List[Tensor], retain_graph: bool) -> List[Tensor]:
-        """``dy/dA`` per block, or what :meth:`reduce_gradient` keeps of it."""
+        """``dy/dA`` per block, or what `reduce_gradient` keeps of it."""
         if not self.reduces_gradients:
             return list(torch.autograd.grad(score, weights, retain_graph=retain_graph))
         # Every later block's A lies on the path from the score to the first block's A (nothing is

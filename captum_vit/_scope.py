@@ -10,7 +10,7 @@ Two rules make an explanation safe beside a live model:
 
 - every hook captum_vit registers is *scoped*: it acts only when the forward
   pass runs inside the explanation that registered it (a
-  :class:`contextvars.ContextVar` token, so per thread and per asyncio task)
+  `contextvars.ContextVar` token, so per thread and per asyncio task)
   and passes everything through untouched otherwise;
 - explanations of one model are serialised by a per-model re-entrant lock,
   because they share the model's hook lists and the flags an explanation

@@ -1,6 +1,6 @@
 """Plumbing shared by every explainer: input checks, targets, chunking, hooks.
 
-Nothing here knows what a ViT is (that is :mod:`captum_vit.adapters`); this module
+Nothing here knows what a ViT is (that is `captum_vit.adapters`); this module
 knows Captum's conventions (tensor or tuple inputs, target forms) and how
 ``captum_vit`` answers bad input.
 """
@@ -100,7 +100,7 @@ def prepare_inputs(inputs: Any, additional_forward_args: Any = None) -> Prepared
     ``inputs`` is a ``(B, C, H, W)`` tensor or a tuple whose first element is
     one; further tuple elements and ``additional_forward_args`` are passed to
     ``forward_func`` (tensors with ``B`` rows are chunked with the images;
-    see :class:`PreparedInputs`).
+    see `PreparedInputs`).
     """
     is_tuple = isinstance(inputs, tuple)
     tensors = inputs if is_tuple else (inputs,)
@@ -187,7 +187,7 @@ def prepare_targets(target: Any, batch_size: int) -> Targets:
     Accepted: ``None`` (predicted class), an ``int`` (same class for every
     example), a list of ``B`` ints, a 0-D or 1-D tensor of length 1 or ``B``
     (one target per example), a ``(B, k)`` tensor or list of ``B`` lists
-    (``k`` maps per example), or :data:`ALL_CLASSES`.
+    (``k`` maps per example), or `ALL_CLASSES`.
     """
     if target is None:
         return Targets(None, several=False)
@@ -291,7 +291,7 @@ def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
 def flat_threshold(dtype: torch.dtype = torch.float32) -> float:
     """The relative range under which a map computed in ``dtype`` is flat.
 
-    Ten times :func:`agreement_tolerance`, the rounding by which two exact
+    Ten times `agreement_tolerance`, the rounding by which two exact
     computations of the same map may differ: a map whose values span less than
     that share of their magnitude has a min-max picture of rounding noise
     (1e-3 in float32, 0.3 in float16 and bfloat16).
@@ -300,7 +300,7 @@ def flat_threshold(dtype: torch.dtype = torch.float32) -> float:
 
 
 def flat_maps(maps: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(B, k)`` bool: which raw ``(B, k, h, w)`` maps computed in ``dtype`` are flat (:func:`flat_threshold`)."""
+    """``(B, k)`` bool: which raw ``(B, k, h, w)`` maps computed in ``dtype`` are flat (`flat_threshold`)."""
     flat = maps.detach().float().flatten(2)
     lo, hi = flat.min(dim=2).values, flat.max(dim=2).values
     return (hi - lo) <= flat_threshold(dtype) * torch.maximum(lo.abs(), hi.abs())
@@ -331,7 +331,7 @@ def output_maps(
 
 @contextlib.contextmanager
 def calling_forward_func() -> Iterator[None]:
-    """Mark exceptions raised inside a call of ``forward_func`` (see :func:`user_error_or_none`)."""
+    """Mark exceptions raised inside a call of ``forward_func`` (see `user_error_or_none`)."""
     try:
         yield
     except Exception as err:
@@ -348,7 +348,7 @@ def user_error_or_none(forward_func: Callable[..., Any], prepared: PreparedInput
 
     A wrong extra argument or tuple input fails deep inside the model; said as
     the caller's own error (the plain call fails too), it points at the call.
-    Only for exceptions raised inside ``forward_func`` (:func:`raised_in_forward`).
+    Only for exceptions raised inside ``forward_func`` (`raised_in_forward`).
     """
     try:
         with torch.no_grad():
@@ -390,7 +390,7 @@ def compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
 class HookSet(contextlib.AbstractContextManager):
     """Hooks registered for one call and removed when it ends, even on error.
 
-    Every hook is scoped (:func:`captum_vit._scope.scoped`): it acts only on
+    Every hook is scoped (`captum_vit._scope.scoped`): it acts only on
     forward passes of the explanation that registered it, so a forward in
     another thread meanwhile is untouched. Register inside
     ``adapter.explaining()``.

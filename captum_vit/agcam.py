@@ -37,7 +37,7 @@ class AttentionGuidedGradCAM(AttentionExplainer, GradientAttribution):
     ``k`` backward passes.
 
     ``AttentionGuidedGradCAM(forward_func, layers=None, vit=None)``: see
-    :class:`captum_vit._attention.AttentionExplainer`; ``layers`` selects the
+    `captum_vit._attention.AttentionExplainer`; ``layers`` selects the
     blocks summed over (all by default).
     """
 

@@ -2,7 +2,7 @@
 
 Captum's ``LayerGradCam`` on a ViT block output averages gradients over the
 embedding and sums over tokens, which is meaningless (docs/methods.md section 6).
-:func:`vit_layer_gradcam` exposes the patch tokens of a layer as a
+`vit_layer_gradcam` exposes the patch tokens of a layer as a
 ``(B, D, h, w)`` feature map first, then hands them to Captum's own class.
 """
 

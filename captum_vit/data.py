@@ -3,7 +3,7 @@
 The archive (``cifar10_jpeg.npz``: ``train_jpeg``, ``train_offsets``,
 ``y_train``, ``test_*``, ``classes``) holds CIFAR-10 as JPEG bytes. Anyone
 without it can build one from the official CIFAR-10 python batches with
-:func:`write_cifar10_npz`.
+`write_cifar10_npz`.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ class ImageFolderDataset(Dataset):
     aside; ``label_order="sorted"``: subfolder k in sorted order is class k),
     or -1 without subfolders; ``boxes`` the image's entries of ``boxes``
     mapped to the model's input with ``box_mapping`` (or ``None``).
-    Unreadable files are left out and listed in :attr:`skipped`.
+    Unreadable files are left out and listed in `skipped`.
 
     Args:
         source: a folder, or a ``.txt`` file of image paths (one per line,
@@ -255,9 +255,9 @@ class ImageFolderDataset(Dataset):
         transform: PIL image -> tensor, e.g. ``LoadedModel.transform``.
         class_names: the model's classes, to match subfolders by name.
         label_order: ``"names"`` (default) or ``"sorted"``.
-        boxes: ``{key: boxes}`` from :func:`read_boxes` (keys: relative path or file name).
+        boxes: ``{key: boxes}`` from `read_boxes` (keys: relative path or file name).
         box_mapping: original-picture box -> model-input box
-            (:func:`timm_box_mapping`); required with ``boxes``.
+            (`timm_box_mapping`); required with ``boxes``.
         limit: the first ``limit`` images only.
     """
 

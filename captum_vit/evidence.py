@@ -3,7 +3,7 @@
 A canvas is a 64x64 image: a CIFAR-10 picture (upsampled 2x) as background,
 whose class has nothing to do with the label, and small coloured marks at
 random positions. A *decisive* mark is a filled 10x10 square with a black
-border; its colour alone decides the label (one of :data:`MARK_COLOURS`). A
+border; its colour alone decides the label (one of `MARK_COLOURS`). A
 *distractor* is a hollow square of another palette colour: the same colours,
 but it never counts. With patch size 8 the canvas is an 8x8 token grid and a
 mark covers 2x2 or 2x3 or 3x3 patches wherever it lands.
@@ -144,7 +144,7 @@ def denormalize(images: Tensor) -> Tensor:
 
 
 def evidence_backgrounds(npz: Optional[str] = None, split: str = "train", limit: int = 5000) -> Tensor:
-    """``(M, 3, 32, 32)`` CIFAR-10 pictures in ``[0, 1]`` from the JPEG archive (see :mod:`captum_vit.data`)."""
+    """``(M, 3, 32, 32)`` CIFAR-10 pictures in ``[0, 1]`` from the JPEG archive (see `captum_vit.data`)."""
     import numpy as np
 
     from .data import CIFAR10JPEG
@@ -168,7 +168,7 @@ EVIDENCE_MODELS = {
 
 
 def build_evidence_model(name: str):
-    """An untrained known-evidence ViT (see :data:`EVIDENCE_MODELS`)."""
+    """An untrained known-evidence ViT (see `EVIDENCE_MODELS`)."""
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 

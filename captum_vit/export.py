@@ -2,7 +2,7 @@
 
 ``LayerReciproCAM`` explains through hooks and Python-side control flow
 (chunking, path choice, verification), which ``torch.export``, ONNX and
-OpenVINO cannot carry. :class:`ExplainedViT` writes the exact fast path as one
+OpenVINO cannot carry. `ExplainedViT` writes the exact fast path as one
 straight-line forward on fixed shapes (the input size is fixed when it is
 built), so an inference runtime computes the explanation with the
 prediction, at about the cost of one more forward pass.
@@ -36,7 +36,7 @@ class ExplainedViT(nn.Module):
     r"""Logits and ViT-ReciproCAM maps from one forward pass, with no hooks: ready for export.
 
     ``forward(images)`` returns ``(logits, maps)``: ``(B, C)`` logits and the
-    maps of the last block (the exact fast path of :class:`LayerReciproCAM`):
+    maps of the last block (the exact fast path of `LayerReciproCAM`):
     ``(B, 1, h, w)`` for the predicted class (``targets="predicted"``) or
     ``(B, C, h, w)`` for every class (``targets="all"``), min-max scaled per
     map unless ``normalize=False``. ``forward(images, target)`` with a
@@ -50,7 +50,7 @@ class ExplainedViT(nn.Module):
             or register tokens), e.g. timm DeiT, distilled DeiT, register ViTs.
         image_size: ``(H, W)`` the model is fed (default: its own input size).
         kernel, keep_prefix_tokens, scores, residual: as
-            :meth:`LayerReciproCAM.attribute`.
+            `LayerReciproCAM.attribute`.
         targets: ``"predicted"`` or ``"all"``.
         normalize: min-max scale each map (``False``: raw scores).
 

@@ -2,7 +2,7 @@
 
 The command line, the demo, the benchmarks and the metrics all take methods
 from this one registry, so a comparison runs each one the same way. Each
-entry builds its explainer (:meth:`MethodSpec.build`); a new method is its
+entry builds its explainer (`MethodSpec.build`); a new method is its
 module plus one entry here (a test keeps this table equal to the registry):
 
 =================  =================================================================  ===============
@@ -46,7 +46,7 @@ ExplainFn = Callable[[Tensor, Any], Tensor]
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What every entry's builder receives (see :func:`explainer` for each field)."""
+    """What every entry's builder receives (see `explainer` for each field)."""
 
     forward_func: Callable[..., Any]
     vit: Optional[nn.Module] = None
@@ -94,7 +94,7 @@ class MethodExplainer:
     """``explain(inputs, target) -> maps`` for one registry method, with its identity.
 
     ``identity`` names the method and every option that changes its maps;
-    :func:`captum_vit.metrics.evaluate_adcc` writes it to checkpoint manifests.
+    `captum_vit.metrics.evaluate_adcc` writes it to checkpoint manifests.
     """
 
     def __init__(self, spec: MethodSpec, fn: ExplainFn, options: Dict[str, Any]) -> None:
@@ -119,7 +119,7 @@ RECIPROCAM_OPTIONS = ("block", "kernel", "residual", "scores", "keep_prefix_toke
 
 def reciprocam_builder(block: int, **defaults: Any) -> Builder:
     """ViT-ReciproCAM on block ``block`` (negative: from the end) with ``attribute`` options; the caller's
-    options (:data:`RECIPROCAM_OPTIONS`) override them."""
+    options (`RECIPROCAM_OPTIONS`) override them."""
 
     def build(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
         context.refuse_options("ViT-ReciproCAM", RECIPROCAM_OPTIONS)
@@ -144,7 +144,7 @@ def _reciprocam(context: BuildContext, block: int, options: Dict[str, Any]) -> T
 
 
 def attention_builder(cls: Type[Any]) -> Builder:
-    """An :class:`~captum_vit._attention.AttentionExplainer` over every block."""
+    """An `~captum_vit._attention.AttentionExplainer` over every block."""
 
     def build(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
         takes_layers = cls is not TransformerAttribution  # relevance flows through every block
@@ -223,7 +223,7 @@ def explainer(
     """``explain(inputs, target)`` for method ``name`` (see the module table).
 
     Args:
-        name: one of :data:`METHODS`.
+        name: one of `METHODS`.
         forward_func: the model or a module/callable around it.
         vit: the ViT inside ``forward_func``, when it cannot be found.
         batch_size: each method's own chunk size (copies for ReciproCAM,

@@ -93,7 +93,7 @@ def _hub_offline_unless_reachable(timeout: float = 3.0) -> Iterator[bool]:
 class CIFARClassifier(nn.Module):
     """A CIFAR-10 ViT taking normalised 32x32 images.
 
-    Inputs are normalised with :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`
+    Inputs are normalised with `CIFAR10_MEAN` / `CIFAR10_STD`
     (the model's input space: baseline 0 is the mean colour); inputs of
     another size are resized bilinearly to the ViT's own input size, as in
     training (the 224-pixel DeiT sees CIFAR upsampled after normalising).
@@ -126,7 +126,7 @@ class LoadedModel:
 
     @functools.cached_property
     def transform(self) -> Callable[[Any], torch.Tensor]:
-        """timm's evaluation transform for :attr:`data_config` (resize, centre crop, normalise)."""
+        """timm's evaluation transform for `data_config` (resize, centre crop, normalise)."""
         from timm.data import create_transform
 
         return create_transform(**self.data_config, is_training=False)

@@ -148,20 +148,20 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
     \]
 
     read at the class-token row and the patch columns. The LRP rules are the
-    authors': linear layers \(\alpha=1, \beta=0\) (:func:`linear_relevance`),
+    authors': linear layers \(\alpha=1, \beta=0\) (`linear_relevance`),
     both attention products gradient x input with the relevance split between
-    the operands (:func:`product_relevance`), residual additions rescaled to
-    conserve relevance (:func:`add_relevance`), a tensor used twice summing
-    its uses' relevance (:func:`clone_relevance`), LayerNorm, GELU, softmax and
+    the operands (`product_relevance`), residual additions rescaled to
+    conserve relevance (`add_relevance`), a tensor used twice summing
+    its uses' relevance (`clone_relevance`), LayerNorm, GELU, softmax and
     dropout passing relevance through, and class-token pooling as an index
-    selection (:func:`head_relevance`). The authors' patch-embedding rule
+    selection (`head_relevance`). The authors' patch-embedding rule
     (\(z^\mathcal{B}\)) acts below the first block and never reaches this
     map, so it is not run.
 
     Their code takes one image at a time; here a batch is one forward pass,
     one relevance pass and one backward pass per target column, with every
     rule's sums taken per example (so the maps equal single-image runs).
-    Relevance needs the block's parts (:class:`~captum_vit.adapters.LRPBlock`):
+    Relevance needs the block's parts (`~captum_vit.adapters.LRPBlock`):
     timm ``VisionTransformer``/DeiT with token pooling and plain blocks;
     other families and blocks with layer scale or q/k norms are refused.
 
@@ -223,7 +223,7 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
 
     def attribute(self, inputs: TensorOrTuple, target: Any = None, additional_forward_args: Any = None,
                   normalize: bool = True, batch_size: Optional[int] = None) -> TensorOrTuple:
-        """As :meth:`AttentionExplainer.attribute`; computed in :meth:`relevance_dtype`, maps in float32."""
+        """As `AttentionExplainer.attribute`; computed in `relevance_dtype`, maps in float32."""
         device = prepare_inputs(inputs, additional_forward_args).images.device  # bad input is refused here, first
         dtype = self.relevance_dtype(device)
         if compute_dtype(self.adapter.model, device) == dtype:

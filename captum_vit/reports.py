@@ -25,7 +25,7 @@ class WrittenEvaluation:
 
 
 def summary_of(result: EvaluationResult) -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """:meth:`EvaluationResult.summary`, plus ``adcc_of_means`` where ADCC's parts were measured."""
+    """`EvaluationResult.summary`, plus ``adcc_of_means`` where ADCC's parts were measured."""
     summary = result.summary()
     for method, values in result.values.items():
         if all(part in values for part in ADCC_PARTS):

@@ -53,7 +53,7 @@ FLAT_RELATIVE_RANGE = flat_threshold(torch.float32)
 
 def raw_range(map_: torch.Tensor) -> Tuple[float, float, bool]:
     """``(min, max, flat)`` of a raw map; ``flat`` when the range is below
-    :data:`FLAT_RELATIVE_RANGE` of the largest magnitude (or the map is constant)."""
+    `FLAT_RELATIVE_RANGE` of the largest magnitude (or the map is constant)."""
     lo, hi = float(map_.min()), float(map_.max())
     scale = max(abs(lo), abs(hi))
     return lo, hi, (hi - lo) <= FLAT_RELATIVE_RANGE * scale
@@ -70,7 +70,7 @@ def draw_overlay(ax, image: np.ndarray, map_: torch.Tensor, title: str) -> None:
     """One map over ``image`` on ``ax`` via Captum, with a colour bar and its raw range.
 
     The map is min-max scaled for display (colour bar 0..1 = raw min..max,
-    written under the title); a flat map (see :func:`raw_range`) is hatched
+    written under the title); a flat map (see `raw_range`) is hatched
     and captioned as such.
     """
     from captum.attr import visualization as viz

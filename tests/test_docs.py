@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def test_the_site_builds_strictly(tmp_path):
         assert (site / page / "index.html").exists(), page
     # the docstrings' maths reaches KaTeX: no literal reST role is left, and the renderer ships with the site
     assert ":math:" not in api and ".. math::" not in api
+    assert not re.search(r":(meth|func|class|attr|data|mod):", api), "an RST role shows as text on the page"
     assert api.count('class="arithmatex"') >= 30
     for asset in ("katex.min.js", "katex.min.css", "contrib/auto-render.min.js", "fonts/KaTeX_Main-Regular.woff2"):
         assert (site / "assets" / "katex" / asset).exists(), asset

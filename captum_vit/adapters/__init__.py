@@ -1,10 +1,10 @@
 """One adapter per Vision Transformer family; the only code that knows a model's layout.
 
-:func:`find_adapter` finds the ViT behind a ``forward_func`` (unwrapping
+`find_adapter` finds the ViT behind a ``forward_func`` (unwrapping
 ``torch.compile``, ``DataParallel`` and wrapper modules) and returns the
 adapter of its family; every explainer asks it, and nothing else reads a
 model's internals. Adding a family is one file here plus a line in
-:data:`ADAPTERS`.
+`ADAPTERS`.
 """
 
 from __future__ import annotations

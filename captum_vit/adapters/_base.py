@@ -4,11 +4,11 @@ An adapter is the only code that knows a model family's layout. It answers:
 
 - the token layout for the input actually given: prefix tokens (class,
   distillation, register tokens) and the patch grid (``grid_for``);
-- the blocks, and for one block a :class:`BlockView`: its first norm, its
+- the blocks, and for one block a `BlockView`: its first norm, its
   attention branch (called with the extra arguments of the real call, such as
   RoPE or a relative-position bias), its layer scales and MLP branch, so that
   ReciproCAM can re-run it on a masked input with the residual it asks for;
-- the attention internals where known, as an :class:`AttentionMath`: the
+- the attention internals where known, as an `AttentionMath`: the
   per-token projections ``q, k, v`` and what follows ``A @ v``. The explicit
   attention (``S``, ``A``) used by AGCAM and the rollouts, and the exact
   prefix-row computation of the ReciproCAM fast path, are written once here
@@ -79,10 +79,10 @@ def merge_heads(o: Tensor) -> Tensor:
 class AttentionMath:
     r"""Explicit self-attention of one module, from the family's own parts.
 
-    A family supplies :meth:`project` (the per-token ``q, k, v`` after any
+    A family supplies `project` (the per-token ``q, k, v`` after any
     per-token transform: biases, q/k norms, rotary embeddings) and
-    :meth:`finish` (everything after ``A @ v``: output norm, gate, output
-    projection); :meth:`score_bias` adds a relative-position bias where the
+    `finish` (everything after ``A @ v``: output norm, gate, output
+    projection); `score_bias` adds a relative-position bias where the
     family has one. Everything else is written once here:
 
     \[
@@ -95,7 +95,7 @@ class AttentionMath:
     behavioural check verifies it.
     """
 
-    #: :meth:`finish` reads the module input ``x`` (a gate does); ``False`` lets callers pass ``None``
+    #: `finish` reads the module input ``x`` (a gate does); ``False`` lets callers pass ``None``
     finish_reads_input: bool = True
 
     def __init__(self, module: nn.Module, num_heads: int, head_dim: int, scale: float) -> None:
@@ -138,7 +138,7 @@ class AttentionMath:
         return None
 
     def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
-        """``(B, T, H*d)`` head outputs (and the module input ``x``, ``None`` unless :attr:`finish_reads_input`)
+        """``(B, T, H*d)`` head outputs (and the module input ``x``, ``None`` unless `finish_reads_input`)
         -> module output."""
         raise NotImplementedError
 
@@ -246,18 +246,18 @@ class LRPHead:
 
 @runtime_checkable
 class SupportsLRP(Protocol):
-    """An adapter whose head and blocks have LRP parts (:class:`captum_vit.TransformerAttribution`)."""
+    """An adapter whose head and blocks have LRP parts (`captum_vit.TransformerAttribution`)."""
 
     def lrp_head(self) -> Optional[LRPHead]:
-        """The head as :class:`LRPHead` (a linear layer on one token), or ``None`` if it has other parts."""
+        """The head as `LRPHead` (a linear layer on one token), or ``None`` if it has other parts."""
 
     def lrp_block(self, view: "BlockView") -> Optional[LRPBlock]:
-        """One block as :class:`LRPBlock`, or ``None`` if it has parts the rules do not cover."""
+        """One block as `LRPBlock`, or ``None`` if it has parts the rules do not cover."""
 
 
 @runtime_checkable
 class SupportsExport(Protocol):
-    """An adapter that computes its model without hooks (:class:`captum_vit.export.ExplainedViT`)."""
+    """An adapter that computes its model without hooks (`captum_vit.export.ExplainedViT`)."""
 
     def default_image_size(self) -> Optional[Tuple[int, int]]:
         """The ``(H, W)`` the model is built for, or ``None`` when it does not say."""
@@ -273,10 +273,10 @@ class BlockView:
     """One pre-norm block: ``y = r + ls1(attn(norm1(x))); y + ls2(mlp(norm2(y)))``.
 
     A family subclass maps these parts to the block's own sub-modules
-    (:meth:`layer_scale1`, :meth:`mlp_branch`; :meth:`finish` is their fixed
+    (`layer_scale1`, `mlp_branch`; `finish` is their fixed
     composition, which ReciproCAM's fast path also applies row by row). The
     standard call uses ``r = x``; ReciproCAM re-runs the block on a masked
-    normalised input with the residual it chooses (:meth:`forward`).
+    normalised input with the residual it chooses (`forward`).
     """
 
     def __init__(self, block: nn.Module, math: Optional[AttentionMath]) -> None:
@@ -328,7 +328,7 @@ class BlockView:
 class ViTAdapter:
     """The layout of one Vision Transformer family.
 
-    Subclasses set ``family`` and implement :meth:`matches` and the abstract
+    Subclasses set ``family`` and implement `matches` and the abstract
     properties; see the module docstring for what each answers.
     """
 
@@ -421,7 +421,7 @@ class ViTAdapter:
 
     @contextlib.contextmanager
     def recording_image_size(self) -> Iterator["ImageSizeRecorder"]:
-        """Record the spatial size of the image entering :attr:`image_module`.
+        """Record the spatial size of the image entering `image_module`.
 
         The explained inputs may be resized by ``forward_func`` (e.g. CIFAR
         32x32 images upsampled to 224x224), so the grid is taken from what the
@@ -436,7 +436,7 @@ class ViTAdapter:
 
     @contextlib.contextmanager
     def explaining(self) -> Iterator[None]:
-        """The scope of one explanation call (:func:`captum_vit._scope.explanation`).
+        """The scope of one explanation call (`captum_vit._scope.explanation`).
 
         Serialised with other explanations of this model (they share its hook
         lists and flags); hooks registered inside act only on this call's

@@ -2,7 +2,7 @@
 
 transformers 5 writes every one of these attentions the same way
 (``q_proj``, ``k_proj``, ``v_proj``, then ``o_proj`` or ``out_proj``, with a
-``scaling``/``scale`` attribute), so one :class:`HFAttentionMath` serves them.
+``scaling``/``scale`` attribute), so one `HFAttentionMath` serves them.
 The layouts differ only in names:
 
 =====================================  =======  ==========================================

@@ -1,6 +1,6 @@
 """timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, registers) and ``NaFlexVit``.
 
-Layout from timm's own attributes (:mod:`._timm`); blocks are timm's pre-norm
+Layout from timm's own attributes (`._timm`); blocks are timm's pre-norm
 ``Block`` (``x + ls1(attn(norm1(x)))``, ``+ ls2(mlp(norm2(.)))``) around
 ``timm.layers.Attention`` (fused ``qkv``, optional q/k norm, output norm and
 gate).

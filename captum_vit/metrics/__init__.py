@@ -1,23 +1,23 @@
 """Metrics for explanation maps.
 
-- :func:`evaluate`: every method x every metric of :data:`METRICS` over a
+- `evaluate`: every method x every metric of `METRICS` over a
   dataset or loader, streamed (memory bounded by the batch), with a progress
   bar, per-batch checkpoints that record which run wrote them, resume,
   ``torchrun`` sharding with an exact merge, per-image records and bootstrap
-  intervals (:class:`EvaluationResult`);
-- :func:`adcc` (Average Drop, Average Increase, Coherency, Complexity, ADCC)
-  and :func:`evaluate_adcc`, its evaluation over a loader;
-- :func:`pointing_game` on 2x2 mosaics (:func:`make_mosaic`) and
-  :func:`box_localization` (pixel accuracy, IoU, Dice);
-- :func:`deletion_insertion` curves;
-- where the evidence is known (:mod:`captum_vit.evidence` canvases):
-  :func:`evidence_mass`, :func:`top_pixel_inside`, the model-randomisation
-  control (:func:`cascading_randomization`, :func:`rank_correlation`),
-  :func:`bootstrap_interval`, and :func:`evaluate_known_evidence`, which runs
+  intervals (`EvaluationResult`);
+- `adcc` (Average Drop, Average Increase, Coherency, Complexity, ADCC)
+  and `evaluate_adcc`, its evaluation over a loader;
+- `pointing_game` on 2x2 mosaics (`make_mosaic`) and
+  `box_localization` (pixel accuracy, IoU, Dice);
+- `deletion_insertion` curves;
+- where the evidence is known (`captum_vit.evidence` canvases):
+  `evidence_mass`, `top_pixel_inside`, the model-randomisation
+  control (`cascading_randomization`, `rank_correlation`),
+  `bootstrap_interval`, and `evaluate_known_evidence`, which runs
   them all for every method, in one process or under ``torchrun``;
-- Captum interop: :func:`expand_to_input` (a ``(B, 1, h, w)`` map to the
-  input's shape for ``captum.metrics.infidelity``), :func:`patch_perturbation`
-  and :func:`input_attribution`; Quantus interop: :func:`quantus_explain_func`.
+- Captum interop: `expand_to_input` (a ``(B, 1, h, w)`` map to the
+  input's shape for ``captum.metrics.infidelity``), `patch_perturbation`
+  and `input_attribution`; Quantus interop: `quantus_explain_func`.
 """
 
 from ._adcc import ADCCResult, adcc, adcc_score, pearson

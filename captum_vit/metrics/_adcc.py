@@ -124,7 +124,7 @@ def adcc(
             explanation inputs in the same batches.
 
     Returns:
-        :class:`ADCCResult` with ``(N,)`` tensors; ``.summary()`` aggregates.
+        `ADCCResult` with ``(N,)`` tensors; ``.summary()`` aggregates.
     """
     prepared = prepare_inputs(inputs)
     targets = prepare_targets(target, prepared.batch_size)

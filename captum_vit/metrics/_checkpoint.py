@@ -63,7 +63,7 @@ def method_identity(explain_func: Any) -> str:
     Our method registry's explainers carry ``identity`` (name and options);
     a Captum ``Attribution`` is described by its class (and layer); for any
     other callable, its qualified name. Closures with different options look
-    the same: pass ``method_id`` to :func:`evaluate_adcc` for those.
+    the same: pass ``method_id`` to `evaluate_adcc` for those.
     """
     identity = getattr(explain_func, "identity", None)
     if isinstance(identity, str):
@@ -206,7 +206,7 @@ class CheckpointDirectory:
     def load(self, index: int, inputs_digest: str, fields: Iterable[str]) -> Optional[Dict[str, Tensor]]:
         """Batch ``index``'s saved fields, ``None`` if absent or damaged (with a warning).
 
-        Raises :class:`CheckpointMismatchError` when the file was computed on
+        Raises `CheckpointMismatchError` when the file was computed on
         other inputs (the data or its order changed).
         """
         path = self.batch_path(index)

@@ -28,7 +28,7 @@ def evaluate_adcc(
 ) -> ADCCResult:
     """ADCC over a ``DataLoader`` (or any iterable of ``images`` or ``(images, labels)``).
 
-    The ADCC metric of :func:`captum_vit.metrics.evaluate`, for one explainer.
+    The ADCC metric of `captum_vit.metrics.evaluate`, for one explainer.
 
     Args:
         forward_func: the model.
@@ -45,7 +45,7 @@ def evaluate_adcc(
             damaged file is recomputed with a warning.
         device: where to move each batch.
         progress: show a tqdm progress bar.
-        baseline: see :func:`captum_vit.metrics.adcc`.
+        baseline: see `captum_vit.metrics.adcc`.
         restart: delete ``checkpoint_dir``'s results first and start over.
         method_id: how the manifest names the method; needed only to tell
             apart closures or lambdas with different options (an
@@ -53,7 +53,7 @@ def evaluate_adcc(
             explainers describe themselves).
 
     Returns:
-        :class:`ADCCResult` over every example, in loader order.
+        `ADCCResult` over every example, in loader order.
 
     Under ``torchrun`` (an initialised ``torch.distributed`` group; gloo on
     CPU, NCCL on GPU) rank ``r`` of ``W`` explains batches ``r, r + W, ...``

@@ -1,8 +1,8 @@
 """Scores for maps where the evidence is known, and the model-randomisation control.
 
-Used by the known-evidence benchmark (:func:`evaluate_known_evidence`,
+Used by the known-evidence benchmark (`evaluate_known_evidence`,
 ``benchmarks/evidence.py``) and the demo; every function is per image so a
-figure can carry a bootstrap interval over images (:func:`bootstrap_interval`).
+figure can carry a bootstrap interval over images (`bootstrap_interval`).
 """
 
 from __future__ import annotations

@@ -75,11 +75,11 @@ def _box_masks(boxes: Sequence[Tuple[int, int, int, int]], size: int) -> Tensor:
 
 
 class KnownEvidenceCanvases:
-    """One variant's canvases (:func:`captum_vit.evidence.make_canvases`) with the masks every metric needs.
+    """One variant's canvases (`captum_vit.evidence.make_canvases`) with the masks every metric needs.
 
     Attributes: ``images`` ``(N, 3, 64, 64)``; ``target`` ``(N,)`` the first
     decisive mark's class and ``boxes`` its boxes; ``mark`` ``(N, 64, 64)`` its
-    pixels and ``near`` the same grown by :data:`POINTING_GROW`; for *pair*
+    pixels and ``near`` the same grown by `POINTING_GROW`; for *pair*
     ``second_target``/``second_near``; for *distractor* ``distractor`` and
     ``distractor_near``. Slice them by batch.
     """
@@ -113,18 +113,18 @@ def evaluate_known_evidence(
     checkpoint_dir: Optional[str | Path] = None,
     restart: bool = False,
 ) -> KnownEvidenceResult:
-    """Score each registry method on ``n`` canvases of each variant (:mod:`captum_vit.evidence`).
+    """Score each registry method on ``n`` canvases of each variant (`captum_vit.evidence`).
 
-    The known-evidence metrics of :func:`captum_vit.metrics.evaluate` on canvases it makes.
+    The known-evidence metrics of `captum_vit.metrics.evaluate` on canvases it makes.
 
     Args:
         model: a classifier of the canvases' six mark colours (e.g.
-            :func:`captum_vit.evidence.load_evidence_model`), mapping
+            `captum_vit.evidence.load_evidence_model`), mapping
             ``(B, 3, 64, 64)`` to ``(B, 6)`` logits.
-        methods: names from :data:`captum_vit.methods.METHODS`; each runs
+        methods: names from `captum_vit.methods.METHODS`; each runs
             with the registry's defaults and explains the true class.
         backgrounds: ``(M, 3, h, w)`` pictures in ``[0, 1]`` behind the marks
-            (held-out ones: :func:`captum_vit.evidence.evidence_backgrounds`).
+            (held-out ones: `captum_vit.evidence.evidence_backgrounds`).
         n: canvases per variant (*single*, *pair*, *distractor*).
         batch_size: canvases per batch, the unit of work shared out across
             ranks; the result does not depend on it except through the
@@ -143,7 +143,7 @@ def evaluate_known_evidence(
         restart: delete ``checkpoint_dir``'s results of these methods first.
 
     Returns:
-        :class:`KnownEvidenceResult`; ``.summary()`` gives means with 95 %
+        `KnownEvidenceResult`; ``.summary()`` gives means with 95 %
         bootstrap intervals.
     """
     from .. import __version__

@@ -1,7 +1,7 @@
 """Every metric by name: what it measures, which way is better, what it needs, how one batch is scored.
 
-The evaluation runner (:func:`captum_vit.metrics.evaluate`) takes metrics from
-this one registry. A metric reads an :class:`ExplainedBatch` (the images, the
+The evaluation runner (`captum_vit.metrics.evaluate`) takes metrics from
+this one registry. A metric reads an `ExplainedBatch` (the images, the
 explained classes, their maps, and what the data provides) and returns
 per-image values, one ``(N,)`` tensor per field. ``needs`` says what the data
 must provide: ``"boxes"`` (ground-truth boxes), ``"evidence"`` (known-evidence
@@ -192,7 +192,7 @@ ALIASES: Dict[str, Tuple[str, ...]] = {
 
 
 def resolve_metrics(names: Sequence[str]) -> List[MetricSpec]:
-    """Registry entries for ``names`` (entry names, or :data:`ALIASES`), in order, each once; checked."""
+    """Registry entries for ``names`` (entry names, or `ALIASES`), in order, each once; checked."""
     specs: List[MetricSpec] = []
     for name in names:
         keys = ALIASES.get(name, (name,))

@@ -1,10 +1,10 @@
 """One evaluation runner: methods x metrics over a stream of batches, resumable, sharded under torchrun.
 
-:func:`evaluate` streams any map-style ``Dataset`` (through a ``DataLoader``
+`evaluate` streams any map-style ``Dataset`` (through a ``DataLoader``
 that loads only this process's batches, with workers), a ``DataLoader`` or
 any iterable of batches; memory is bounded by the batch, not the dataset.
 Each finished batch of each method is written to its checkpoint folder (with
-the run's identity, see :mod:`._checkpoint`) and its per-image values to a
+the run's identity, see `._checkpoint`) and its per-image values to a
 JSON-lines file; under ``torchrun`` rank ``r`` of ``W`` computes batches
 ``b`` with ``b % W == r`` and every rank returns the merge by batch index,
 equal to a single process's result (compare at equal thread counts).
@@ -48,7 +48,7 @@ _LABEL_KEYS = ("labels", "label", "target", "targets")
 
 
 def as_batch(raw: Any) -> EvaluationBatch:
-    """A loader's batch as :class:`EvaluationBatch`: a tensor, ``(images, labels[, boxes])`` or a dict."""
+    """A loader's batch as `EvaluationBatch`: a tensor, ``(images, labels[, boxes])`` or a dict."""
     if isinstance(raw, EvaluationBatch):
         return raw
     if isinstance(raw, Tensor):
@@ -110,7 +110,7 @@ class DatasetItems(torch.utils.data.Dataset):
 
 
 def collate_items(items: List[Dict[str, Any]]) -> EvaluationBatch:
-    """Stack :class:`DatasetItems` items (a label of -1 means none)."""
+    """Stack `DatasetItems` items (a label of -1 means none)."""
     labels = torch.tensor([i["labels"] for i in items])
     boxes = [i["boxes"] for i in items]
     return EvaluationBatch(torch.stack([i["images"] for i in items]), None if (labels < 0).any() else labels,
@@ -232,7 +232,7 @@ def evaluate(
     identity: Optional[Dict[str, Any]] = None,
     method_options: Optional[Dict[str, Dict[str, Any]]] = None,
 ) -> EvaluationResult:
-    """Score each method with each metric on every image of ``data``; see :func:`run_evaluation`."""
+    """Score each method with each metric on every image of ``data``; see `run_evaluation`."""
     folders = None if checkpoint_dir is None else (lambda name: Path(checkpoint_dir) / _folder(name))
     return run_evaluation(forward_func, methods, data, metrics, use_labels=use_labels, batch_size=batch_size,
                           num_workers=num_workers, transform=transform, checkpoint_folder=folders, restart=restart,
@@ -267,7 +267,7 @@ def run_evaluation(
 
     Args:
         forward_func: the model (or a module around it) mapping ``(B, C, H, W)`` to logits.
-        methods: registry names (:data:`captum_vit.methods.METHODS`; built
+        methods: registry names (`captum_vit.methods.METHODS`; built
             anew for every batch, seeded with ``seed + batch index``, so a
             sharded run equals a single process), or ``{name: explain}`` with
             any ``explain(inputs, target) -> (B, 1, h, w)`` maps.
@@ -275,7 +275,7 @@ def run_evaluation(
             torchvision datasets, Hugging Face ``datasets`` rows, dicts; PIL
             images need ``transform``), a ``DataLoader``, or any iterable of
             batches (a tensor, ``(images, labels[, boxes])`` or a dict).
-        metrics: names from :data:`captum_vit.metrics.METRICS` (``"insertion"``,
+        metrics: names from `captum_vit.metrics.METRICS` (``"insertion"``,
             ``"iou"``, ``"dice"`` select their entry; ``"known_evidence"``
             the known-evidence set).
         use_labels: explain the labels instead of the predicted classes.
@@ -284,7 +284,7 @@ def run_evaluation(
         num_workers: ``DataLoader`` workers for a ``Dataset``.
         transform: PIL image -> ``(C, H, W)`` tensor, for datasets of pictures.
         checkpoint_folder: method name -> the folder its finished batches go
-            to (:func:`evaluate`'s ``checkpoint_dir``: ``checkpoint_dir/<method>``,
+            to (`evaluate`'s ``checkpoint_dir``: ``checkpoint_dir/<method>``,
             ``batch_*.pt`` with a manifest of the run); a later call of the same
             run resumes from them.
         restart: delete those checkpoints first.
@@ -298,11 +298,11 @@ def run_evaluation(
             pointing within this many pixels of a box).
         identity: extra fields of the run's checkpoint manifest.
         method_options: per registry method, its own options
-            (:func:`captum_vit.methods.explainer`'s ``options``, e.g.
+            (`captum_vit.methods.explainer`'s ``options``, e.g.
             ``{"reciprocam": {"block": -3}}``).
 
     Returns:
-        :class:`EvaluationResult`; ``.summary()`` gives means with 95 %
+        `EvaluationResult`; ``.summary()`` gives means with 95 %
         bootstrap intervals.
     """
     specs = resolve_metrics(metrics)

@@ -1,13 +1,13 @@
-"""ViT-ReciproCAM: :class:`LayerReciproCAM` over one engine (masks, copy plan, two exact strategies).
+"""ViT-ReciproCAM: `LayerReciproCAM` over one engine (masks, copy plan, two exact strategies).
 
-- :mod:`._masks`: the token masks and their levels;
-- :mod:`._plan`: which copies of which images one forward pass carries;
-- :mod:`._copies`: what a masked copy of a block computes (the three
+- `._masks`: the token masks and their levels;
+- `._plan`: which copies of which images one forward pass carries;
+- `._copies`: what a masked copy of a block computes (the three
   residuals; projections shared by all copies; prefix rows only);
-- :mod:`._engine`: the strategies, their proof by behaviour, the scores;
-- :mod:`._layer`: Captum's contract (:class:`LayerReciproCAM`).
+- `._engine`: the strategies, their proof by behaviour, the scores;
+- `._layer`: Captum's contract (`LayerReciproCAM`).
 
-:class:`captum_vit.export.ExplainedViT` builds its hook-free forward from
+`captum_vit.export.ExplainedViT` builds its hook-free forward from
 the same pieces.
 """
 

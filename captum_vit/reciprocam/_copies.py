@@ -5,7 +5,7 @@ its own (``AttentionMath.project`` is per token), so token ``t`` of copy
 ``j`` is projected from ``m_jt * z_t``: with ``V`` distinct mask values
 (five for the gaussian kernel, two for dirac) the ``V`` projections of
 ``level * z`` give the queries, keys and values of every copy
-(:class:`SharedProjections`). Each copy then costs its attention and the rest
+(`SharedProjections`). Each copy then costs its attention and the rest
 of the block for the rows that are wanted, and nothing for the projections.
 
 The three residuals of the explained block (docs/methods.md 1.3):
@@ -38,7 +38,7 @@ def residual_rows(x: Tensor, z: Tensor, masks: Tensor, rows: int, residual: str)
         x: ``(n, T, D)`` block input; z: its normalised form.
         masks: ``(c, T)`` the copies' token masks.
         rows: how many leading rows are wanted (``P`` or ``T``).
-        residual: one of :data:`RESIDUALS`.
+        residual: one of `RESIDUALS`.
     """
     n, _, D = x.shape
     if residual == "unmasked":
@@ -61,12 +61,12 @@ class SharedProjections:
     Args:
         math: the attention's explicit form.
         z: ``(n, T, D)`` unmasked attention input.
-        levels: ``(V,)`` the masks' distinct values (:func:`mask_levels`).
+        levels: ``(V,)`` the masks' distinct values (`mask_levels`).
         call: the rest of the attention module's call (RoPE, a bias).
 
-    :meth:`rows` gives the attention output at chosen query rows of each
+    `rows` gives the attention output at chosen query rows of each
     copy. A few rows per copy (the prefix rows, or the distinct rows of
-    :func:`distinct_rows`) are scored against every key at every level once
+    `distinct_rows`) are scored against every key at every level once
     and each copy picks its levels by a gather; many rows gather each copy's
     own keys and values for PyTorch's fused attention.
     """
@@ -160,7 +160,7 @@ def copy_block_rows(
 ) -> None:
     """Write the block's output on each masked copy of image ``image`` into ``out`` (``(c, T, D)``), exactly.
 
-    The attention comes from :class:`SharedProjections`; the residual, the
+    The attention comes from `SharedProjections`; the residual, the
     layer scale and the MLP act on each token alone (``view.finish``). Where
     all zeroed rows are alike, attention runs once per distinct row; with a
     masked residual the zeroed rows stay alike through the whole block, so

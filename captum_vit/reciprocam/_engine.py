@@ -1,15 +1,15 @@
 """The ViT-ReciproCAM engine: the masked copies of one block, two exact ways to compute them, scored.
 
-:class:`ReciproCAMEngine` owns everything :class:`LayerReciproCAM` does
+`ReciproCAMEngine` owns everything `LayerReciproCAM` does
 besides Captum's contract: the copy plan, the choice of strategy (proven
 once by behaviour), the hooks of each forward pass and the scores.
 
 Strategies (docs/methods.md 1.4):
 
-- :class:`GeneralCopies`: a forward hook on the explained block replaces its
+- `GeneralCopies`: a forward hook on the explained block replaces its
   output by every copy, re-running the block through its own modules; the
   rest of the model runs on each copy. Works for every family and block.
-- :class:`SharedProjectionCopies`: the explained block's copies come from
+- `SharedProjectionCopies`: the explained block's copies come from
   projections shared by all copies (``_copies.SharedProjections``); where the
   head reads only prefix tokens, the last block computes only its prefix
   rows (for the explained block itself, when it is the last; through a
@@ -54,7 +54,7 @@ SHARED_TOKEN_BUDGET = 2048
 
 @dataclass(frozen=True)
 class ReciproCAMOptions:
-    """The options of one explanation, checked together (see :meth:`LayerReciproCAM.attribute`)."""
+    """The options of one explanation, checked together (see `LayerReciproCAM.attribute`)."""
 
     kernel: str = "gaussian"
     keep_prefix_tokens: bool = True
@@ -105,7 +105,7 @@ class _Pass:
 class CopyStrategy:
     """How one forward pass turns the explained block's output into the masked copies."""
 
-    #: what :attr:`LayerReciproCAM.last_path` reports
+    #: what `LayerReciproCAM.last_path` reports
     name = ""
 
     def __init__(self, adapter: ViTAdapter, view: BlockView, options: ReciproCAMOptions) -> None:
@@ -239,7 +239,7 @@ class _LastBlockPrefixRows:
 
     The pre-hook keeps the copies and hands the block's own forward the first
     copy of each image only; the hook then returns, per image, the block's own
-    output for the unmasked copy and :func:`block_prefix_rows` of the masked
+    output for the unmasked copy and `block_prefix_rows` of the masked
     ones: ``(n * count, P, D)``, all that a head reading prefix tokens sees.
     """
 
@@ -427,7 +427,7 @@ class ReciproCAMEngine:
     def raw_maps(
         self, prepared: PreparedInputs, targets: Targets, grid: Tuple[int, int], options: ReciproCAMOptions
     ) -> Tensor:
-        """``(B, k, h, w)`` raw scores of the chosen classes; sets :attr:`last_path`."""
+        """``(B, k, h, w)`` raw scores of the chosen classes; sets `last_path`."""
         strategy = self.choose(prepared, grid, options)
         B, K = prepared.batch_size, grid[0] * grid[1]
         result: Optional[Tensor] = None

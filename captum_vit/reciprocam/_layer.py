@@ -1,4 +1,4 @@
-"""ViT-ReciproCAM as a Captum layer attribution: Captum's contract over :class:`ReciproCAMEngine`."""
+"""ViT-ReciproCAM as a Captum layer attribution: Captum's contract over `ReciproCAMEngine`."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
     class \(c\) at cell \(k\) is \(\mathrm{softmax}(f(y_k))_c\)
     (or the logit), min-max scaled per image and class. One pass scores every
     class, so maps for many targets cost no more than one
-    (:meth:`attribute_all_classes`).
+    (`attribute_all_classes`).
 
     Two exact ways to compute it (docs/methods.md 1.4):
 
@@ -184,7 +184,7 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
     ) -> TensorOrTuple:
         """Maps of every class from one pass: ``(B, num_classes, h, w)``.
 
-        Takes the keyword arguments of :meth:`attribute` except ``target``.
+        Takes the keyword arguments of `attribute` except ``target``.
         """
         prepared = prepare_inputs(inputs, additional_forward_args)
         normalize = kwargs.pop("normalize", True)
