@@ -13,7 +13,9 @@ reshaped to the grid); LayerReciproCAM's general path; and, when
 ``pytorch-grad-cam`` is installed, its ScoreCAM and AblationCAM with a ViT
 reshape transform. Weights are random (timing does not depend on them).
 ``reciprocam-general`` is the registry's ``reciprocam`` (block -2, unmasked
-residual) forced onto the general path.
+residual) forced onto the general path; ``relevance-float32`` is Relevance in
+the model's own precision (the registry's ``relevance`` computes in float64 on
+a CPU).
 Prints a Markdown table (images/s, ms/image, multiple of the forward) and
 writes it as JSON.
 """
@@ -38,12 +40,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's per-batch progr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from captum_vit import LayerReciproCAM  # noqa: E402
+from captum_vit import LayerReciproCAM, TransformerAttribution  # noqa: E402
 from captum_vit.adapters import find_adapter  # noqa: E402
 from captum_vit.methods import EXPLAINERS, explainer  # noqa: E402
 
 #: every registry method except the random control, the general path as its own row, pytorch-grad-cam
-ALL = ["forward", *EXPLAINERS, "reciprocam-general", "pgc-scorecam", "pgc-ablationcam"]
+ALL = ["forward", *EXPLAINERS, "reciprocam-general", "relevance-float32", "pgc-scorecam", "pgc-ablationcam"]
 
 
 def build_methods(model: torch.nn.Module, batch: int, copies: int) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
@@ -59,6 +61,8 @@ def build_methods(model: torch.nn.Module, batch: int, copies: int) -> Dict[str, 
         methods[name] = explainer(name, model, batch_size=batch if name == "ig" else None)
     cam = LayerReciproCAM(model, model.blocks[-2])  # the registry's default setting, forced onto the general path
     methods["reciprocam-general"] = lambda x, t: cam.attribute(x, target=t, path="general", batch_size=copies)
+    relevance = TransformerAttribution(model, precision="float32")  # the model's own precision: what float64 costs
+    methods["relevance-float32"] = lambda x, t: relevance.attribute(x, target=t)
     methods.update(pytorch_grad_cam_methods(model, batch))
     return methods
 

@@ -41,6 +41,14 @@ def _adcc_data():
     return model, data, labels, [(data[i : i + 2], labels[i : i + 2]) for i in range(0, 10, 2)]
 
 
+def _same_as_reference(value, reference, where):
+    """Equal up to another CPU's rounding. The reference was written on an AMD EPYC; on an Intel Xeon the same
+    code differs by up to 3e-4 (one thread both): this untrained model's ViT-ReciproCAM maps are nearly flat,
+    so rounding reorders near-ties in the deletion order and Spearman's ranks. A changed computation moves
+    these fractions of 5-10 images by far more (a flipped pointing or constant-map decision: 0.1 or more)."""
+    torch.testing.assert_close(value, reference, rtol=0, atol=1e-3, equal_nan=True, msg=lambda m: f"{where}: {m}")
+
+
 def test_evaluate_adcc_and_known_evidence_give_the_results_they_gave_before_the_runner():
     """tests/data/evaluation_reference.pt: both functions' outputs with captum_vit's previous implementations."""
     from timm.models.vision_transformer import VisionTransformer
@@ -52,7 +60,7 @@ def test_evaluate_adcc_and_known_evidence_give_the_results_they_gave_before_the_
             for use_labels in (False, True):
                 result = evaluate_adcc(model, explainer(name, model), loader, use_labels=use_labels, progress=False)
                 for field, value in vars(result).items():
-                    assert torch.equal(value, reference[f"adcc/{name}/{use_labels}/{field}"]), (name, use_labels, field)
+                    _same_as_reference(value, reference[f"adcc/{name}/{use_labels}/{field}"], (name, use_labels, field))
         torch.manual_seed(0)
         canvas = randomize(VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=2,
                                              mlp_ratio=2.0, num_classes=6))
@@ -62,7 +70,7 @@ def test_evaluate_adcc_and_known_evidence_give_the_results_they_gave_before_the_
     for method, fields in result.values.items():
         assert sorted(fields) == sorted(k.split("/", 2)[2] for k in reference if k.startswith(f"evidence/{method}/"))
         for field, value in fields.items():
-            assert torch.equal(value, reference[f"evidence/{method}/{field}"]), (method, field)
+            _same_as_reference(value, reference[f"evidence/{method}/{field}"], (method, field))
 
 
 def test_several_methods_and_metrics_in_one_run_equal_their_runs_alone():
