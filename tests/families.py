@@ -159,6 +159,47 @@ def open_clip_vit():
     return Headed(tower, lambda e: e, 32)
 
 
+PROMPTS = [f"a photo of a {c}" for c in ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]
+
+
+def open_clip_zero_shot():
+    """A small open_clip CLIP explained through its prompts (captum_vit.clip): CLASSES prompts, CLASSES logits."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from captum_vit.clip import ZeroShotClassifier
+
+    model = CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=DEPTH, width=DIM, head_width=DIM // HEADS, mlp_ratio=2.0,
+                                                        patch_size=16, image_size=SIZE, ls_init_value=0.5),
+                 text_cfg=CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
+    return ZeroShotClassifier.from_open_clip(model.eval(), PROMPTS, SimpleTokenizer(context_length=16))
+
+
+def word_tokenizer(texts, padding=True, return_tensors="pt"):
+    """A stand-in for CLIPTokenizer (whose vocabulary is a download): one id per word, 0 pads, 1 and 2 bracket."""
+    ids = [[1, *(3 + sum(map(ord, word)) % 90 for word in text.split()), 2] for text in texts]
+    longest = max(map(len, ids))
+    ids = torch.tensor([row + [0] * (longest - len(row)) for row in ids])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def hf_clip_model():
+    from transformers import CLIPConfig, CLIPModel
+
+    kw = _hf_kw()
+    kw.pop("num_labels")
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+                max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=kw, projection_dim=32)).eval()
+
+
+def hf_clip_zero_shot():
+    """A small transformers CLIPModel explained through its prompts (captum_vit.clip)."""
+    from captum_vit.clip import ZeroShotClassifier
+
+    return ZeroShotClassifier.from_transformers(hf_clip_model(), PROMPTS, word_tokenizer)
+
+
 #: name -> (factory, the blocks of the built model, library)
 FAMILIES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], List[nn.Module]], str]] = {
     "timm ViT (2 registers)": (timm_vit, lambda m: list(m.blocks), "timm"),
@@ -178,6 +219,10 @@ FAMILIES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], List[nn
         hf_clip_vision_head, lambda m: list(m.backbone.encoder.layers), "transformers"),
     "open_clip VisionTransformer + linear head": (
         open_clip_vit, lambda m: list(m.backbone.transformer.resblocks), "open_clip"),
+    "open_clip CLIP zero-shot (prompts as classes)": (
+        open_clip_zero_shot, lambda m: list(m.image_encoder.transformer.resblocks), "open_clip"),
+    "transformers CLIPModel zero-shot (prompts as classes)": (
+        hf_clip_zero_shot, lambda m: list(m.image_encoder.encoder.layers), "transformers"),
 }
 
 
@@ -200,7 +245,8 @@ PREFIX = {
     "torchvision ViT": 1, "transformers ViTForImageClassification": 1,
     "transformers DeiTForImageClassificationWithTeacher": 2, "transformers Dinov2ForImageClassification": 1,
     "transformers Dinov2WithRegisters (2 registers)": 3, "transformers CLIPVisionModel + linear head": 1,
-    "open_clip VisionTransformer + linear head": 1,
+    "open_clip VisionTransformer + linear head": 1, "open_clip CLIP zero-shot (prompts as classes)": 1,
+    "transformers CLIPModel zero-shot (prompts as classes)": 1,
 }
 #: Families whose head never reads the class token: attention methods must refuse.
 PATCH_POOLED = {"timm ViT, avg pool (MAE-style)", "timm RoPE ViT (qk-norm, avg pool)"}

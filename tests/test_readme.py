@@ -1,8 +1,8 @@
 """Every Python block and every ``captum-vit`` command of the README runs as written.
 
 Offline, the hub loaders are replaced for these tests only: ``timm.create_model(..., pretrained=True)``
-builds the same architecture with random weights, and transformers' ``from_pretrained`` a small model
-of the same class. ``make demo``/``make test`` are what CI runs; ``captum-vit demo`` runs in
+builds the same architecture with random weights, transformers' ``from_pretrained`` a small model
+of the same class, and open_clip's ``create_model_and_transforms`` its architecture without weights. ``make demo``/``make test`` are what CI runs; ``captum-vit demo`` runs in
 ``test_wheel.py`` from the built wheel; the ``pip install`` lines are what ``make test`` does.
 """
 
@@ -40,6 +40,13 @@ def offline_hubs(monkeypatch, tmp_path):
         return cls(config)
 
     monkeypatch.setattr(transformers.ViTForImageClassification, "from_pretrained", classmethod(small))
+    open_clip = pytest.importorskip("open_clip")
+    create_clip = open_clip.create_model_and_transforms
+
+    def random_clip(name, pretrained=None, **kwargs):
+        return create_clip(name, pretrained=None, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", random_clip)
     (tmp_path / "captum_vit").symlink_to(ROOT / "captum_vit")  # the README's paths are repository paths
     monkeypatch.chdir(tmp_path)
     return tmp_path
