@@ -103,6 +103,24 @@ def timm_beit():
                 global_pool="token", use_rel_pos_bias=True, init_values=0.5, use_abs_pos_emb=False)
 
 
+def timm_vit_relpos():
+    """Class token, per-block MLP relative-position bias, q/k norms."""
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    return VisionTransformerRelPos(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
+                                   num_classes=CLASSES, class_token=True, global_pool="token", qkv_bias=True,
+                                   qk_norm=True, init_values=0.5, rel_pos_type="mlp")
+
+
+def timm_vit_srelpos():
+    """No prefix token at all, one relative-position bias shared by every block, average pool."""
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    return VisionTransformerRelPos(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
+                                   num_classes=CLASSES, class_token=False, global_pool="avg", qkv_bias=True,
+                                   init_values=0.5, rel_pos_type="bias", shared_rel_pos=True)
+
+
 def torchvision_vit():
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -209,6 +227,8 @@ FAMILIES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], List[nn
     "timm EVA-02 (RoPE, SwiGLU)": (timm_eva02, lambda m: list(m.blocks), "timm"),
     "timm RoPE ViT (qk-norm, avg pool)": (timm_vit_rope, lambda m: list(m.blocks), "timm"),
     "timm BEiT (relative position bias)": (timm_beit, lambda m: list(m.blocks), "timm"),
+    "timm relative-position ViT (MLP bias, qk-norm)": (timm_vit_relpos, lambda m: list(m.blocks), "timm"),
+    "timm relative-position ViT (shared bias, no prefix token)": (timm_vit_srelpos, lambda m: list(m.blocks), "timm"),
     "torchvision ViT": (torchvision_vit, lambda m: list(m.encoder.layers), "torchvision"),
     "transformers ViTForImageClassification": (hf_vit, lambda m: list(m.vit.layers), "transformers"),
     "transformers DeiTForImageClassificationWithTeacher": (hf_deit_teacher, lambda m: list(m.deit.layers), "transformers"),
@@ -242,6 +262,7 @@ def logits_of(out: Any) -> torch.Tensor:
 PREFIX = {
     "timm ViT (2 registers)": 3, "timm DeiT distilled": 2, "timm ViT, avg pool (MAE-style)": 1, "timm NaFlexViT": 2,
     "timm EVA-02 (RoPE, SwiGLU)": 1, "timm RoPE ViT (qk-norm, avg pool)": 2, "timm BEiT (relative position bias)": 1,
+    "timm relative-position ViT (MLP bias, qk-norm)": 1, "timm relative-position ViT (shared bias, no prefix token)": 0,
     "torchvision ViT": 1, "transformers ViTForImageClassification": 1,
     "transformers DeiTForImageClassificationWithTeacher": 2, "transformers Dinov2ForImageClassification": 1,
     "transformers Dinov2WithRegisters (2 registers)": 3, "transformers CLIPVisionModel + linear head": 1,
@@ -249,7 +270,8 @@ PREFIX = {
     "transformers CLIPModel zero-shot (prompts as classes)": 1,
 }
 #: Families whose head never reads the class token: attention methods must refuse.
-PATCH_POOLED = {"timm ViT, avg pool (MAE-style)", "timm RoPE ViT (qk-norm, avg pool)"}
+PATCH_POOLED = {"timm ViT, avg pool (MAE-style)", "timm RoPE ViT (qk-norm, avg pool)",
+                "timm relative-position ViT (shared bias, no prefix token)"}
 #: Families whose head reads more than prefix tokens: the ReciproCAM fast path computes every row of the last block.
 READS_PATCH_ROWS = PATCH_POOLED | {"transformers Dinov2ForImageClassification",
                                    "transformers Dinov2WithRegisters (2 registers)"}
@@ -283,7 +305,7 @@ def _kind(block: nn.Module) -> str:
 
 def literal_norm1(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kind = _kind(block)
-    if kind in ("Block", "EvaBlock", "beit", "Dinov2Layer", "Dinov2WithRegistersLayer"):
+    if kind in ("Block", "EvaBlock", "beit", "RelPosBlock", "Dinov2Layer", "Dinov2WithRegistersLayer"):
         return block.norm1(x)
     if kind in ("EncoderBlock", "ResidualAttentionBlock"):
         return block.ln_1(x)
@@ -304,6 +326,9 @@ def literal_block(block: nn.Module, z: torch.Tensor, r: torch.Tensor, kwargs: Di
     if kind == "beit":
         y = r + block.gamma_1 * block.attn(z, shared_rel_pos_bias=kwargs.get("shared_rel_pos_bias"))
         return y + block.gamma_2 * block.mlp(block.norm2(y))
+    if kind == "RelPosBlock":
+        y = r + block.ls1(block.attn(z, shared_rel_pos=kwargs.get("shared_rel_pos")))
+        return y + block.ls2(block.mlp(block.norm2(y)))
     if kind == "EncoderBlock":
         y = r + block.self_attention(z, z, z, need_weights=False)[0]
         return y + block.mlp(block.ln_2(y))
@@ -402,6 +427,10 @@ def literal_attention(module: nn.Module, x: torch.Tensor, kwargs: Dict[str, Any]
             bias = module._get_rel_pos_bias()
         if kwargs.get("shared_rel_pos_bias") is not None:
             bias = kwargs["shared_rel_pos_bias"] if bias is None else bias + kwargs["shared_rel_pos_bias"]
+        if getattr(module, "rel_pos", None) is not None:  # RelPosAttention: its own bias, else the shared one
+            bias = module.rel_pos.get_bias()
+        elif kwargs.get("shared_rel_pos") is not None:
+            bias = kwargs["shared_rel_pos"]
         scale = module.scale
 
         def finish(o, m=module, x=x):

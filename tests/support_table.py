@@ -30,6 +30,8 @@ def _cell(run, reference) -> str:
         reason = str(err).split(":")[0].split(";")[0]
         if "reads patch tokens only" in str(err):
             reason = "refused: the head never reads the class token"
+        elif "has no class token" in str(err):
+            reason = "refused: the model has no class token"
         return reason if reason.startswith("refused") else f"refused: {reason}"
     error = max(float((got[b] - reference(b)).abs().max()) for b in range(got.shape[0]))
     mark = "exact" if error <= TOLERANCE else f"**differs by {error:.1e}**"

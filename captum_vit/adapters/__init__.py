@@ -37,6 +37,7 @@ from .hf_transformers import HFViTAdapter
 from .open_clip_vit import OpenClipViTAdapter
 from .timm_beit import TimmBeitAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_relpos import TimmRelPosViTAdapter
 from .timm_vit import TimmNaFlexViTAdapter, TimmViTAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
@@ -52,6 +53,7 @@ ADAPTERS: Tuple[Type[ViTAdapter], ...] = (
     TimmViTAdapter,
     TimmEvaAdapter,
     TimmBeitAdapter,
+    TimmRelPosViTAdapter,
     TorchvisionViTAdapter,
     HFViTAdapter,
     OpenClipViTAdapter,
