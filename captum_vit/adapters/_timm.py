@@ -1,14 +1,63 @@
 """What timm's ViT-like models share: ``blocks``, ``num_prefix_tokens``, ``cls_token``, ``patch_embed``,
-``global_pool``/``attn_pool`` and ``grad_checkpointing``. The families' own files (``timm_vit``, ``timm_eva``,
-``timm_beit``) add their blocks and attention."""
+``global_pool``/``attn_pool`` and ``grad_checkpointing``; the fused-``qkv`` attention and the pre-norm block with
+layer scales ``ls1``/``ls2`` that ``timm.layers.Attention``/``Block`` and ``RelPosAttention``/``RelPosBlock`` share.
+The families' own files (``timm_vit``, ``timm_eva``, ``timm_beit``, ``timm_relpos``) add their blocks and attention."""
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, ViTAdapter
+from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, AttentionMath, BlockView, Call, ViTAdapter
+
+
+class FusedQkvAttentionMath(AttentionMath):
+    """timm's fused ``qkv`` attention: ``qkv`` -> per-head ``q_norm``/``k_norm``; ``proj_drop(proj(A v))`` after."""
+
+    finish_reads_input = False
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module, module.num_heads, module.head_dim, module.scale)
+
+    def project(self, x: Tensor, call: Call) -> Tuple[Tensor, Tensor, Tensor]:
+        m = self.module
+        q, k, v = (self.split_heads(u) for u in m.qkv(x).chunk(3, dim=-1))
+        return m.q_norm(q), m.k_norm(k), v
+
+    def project_rows(self, x: Tensor, call: Call, rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+        m = self.module
+        if type(m.qkv) is not nn.Linear:  # a LoRA-style qkv: call the module itself
+            return super().project_rows(x, call, rows)
+        width = m.qkv.out_features // 3
+        weight, bias = m.qkv.weight, m.qkv.bias
+        q = F.linear(x[:, :rows], weight[:width], None if bias is None else bias[:width])
+        kv = F.linear(x, weight[width:], None if bias is None else bias[width:])
+        k, v = (self.split_heads(u) for u in kv.chunk(2, dim=-1))
+        return m.q_norm(self.split_heads(q)), m.k_norm(k), v
+
+    def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
+        return self.module.proj_drop(self.module.proj(merged))
+
+    def attention_dropout(self, weights: Tensor) -> Tensor:
+        return self.module.attn_drop(weights)
+
+
+class LayerScaleBlockView(BlockView):
+    """timm's pre-norm block: ``x + drop_path1(ls1(attn(norm1(x))))``, then ``+ drop_path2(ls2(mlp(norm2(.))))``."""
+
+    def __init__(self, block: nn.Module, math: Optional[AttentionMath]) -> None:
+        super().__init__(block, math)
+        self.norm1_module = block.norm1
+        self.attention_module = block.attn
+
+    def layer_scale1(self, a: Tensor) -> Tensor:
+        return self.block.drop_path1(self.block.ls1(a))
+
+    def mlp_branch(self, y: Tensor) -> Tensor:
+        b = self.block
+        return b.drop_path2(b.ls2(b.mlp(b.norm2(y))))
 
 
 def timm_head_reads(model: nn.Module) -> str:

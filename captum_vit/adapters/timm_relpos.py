@@ -12,26 +12,16 @@ reads the unnormalised block input: refused.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 from torch import Tensor, nn
 
-from ._base import AttentionMath, BlockView, Call, UnsupportedModelError
-from ._timm import TimmAdapter
+from ._base import BlockView, Call, UnsupportedModelError
+from ._timm import FusedQkvAttentionMath, LayerScaleBlockView, TimmAdapter
 
 
-class RelPosAttentionMath(AttentionMath):
-    """``RelPosAttention``: ``qkv``, q/k norms per head, scores plus the block's or the shared bias."""
-
-    finish_reads_input = False
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__(module, module.num_heads, module.head_dim, module.scale)
-
-    def project(self, x: Tensor, call: Call) -> Tuple[Tensor, Tensor, Tensor]:
-        m = self.module
-        q, k, v = (self.split_heads(u) for u in m.qkv(x).chunk(3, dim=-1))
-        return m.q_norm(q), m.k_norm(k), v
+class RelPosAttentionMath(FusedQkvAttentionMath):
+    """``RelPosAttention``: timm's fused ``qkv`` and q/k norms, scores plus the block's or the shared bias."""
 
     def score_bias(self, call: Call) -> Optional[Tensor]:
         # as RelPosAttention.forward: the block's own bias wins; the shared one applies only without it
@@ -39,31 +29,16 @@ class RelPosAttentionMath(AttentionMath):
             return self.module.rel_pos.get_bias()
         return call.kwargs.get("shared_rel_pos")
 
-    def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
-        return self.module.proj_drop(self.module.proj(merged))
 
-    def attention_dropout(self, weights: Tensor) -> Tensor:
-        return self.module.attn_drop(weights)
-
-
-class RelPosBlockView(BlockView):
+class RelPosBlockView(LayerScaleBlockView):
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block, RelPosAttentionMath(block.attn))
-        self.norm1_module = block.norm1
-        self.attention_module = block.attn
 
     def attention_call(self, call: Call) -> Call:
         return Call((), {"shared_rel_pos": call.kwargs.get("shared_rel_pos")})
 
     def attention(self, z: Tensor, call: Call) -> Tensor:
         return self.block.attn(z, **call.kwargs)
-
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        return self.block.drop_path1(self.block.ls1(a))
-
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        return b.drop_path2(b.ls2(b.mlp(b.norm2(y))))
 
 
 class TimmRelPosViTAdapter(TimmAdapter):

@@ -10,35 +10,18 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import HEAD_CLASS_AND_PATCHES, AttentionMath, BlockView, Call, LRPBlock, LRPHead, UnsupportedModelError
-from ._timm import TimmAdapter, timm_head_reads
+from ._base import HEAD_CLASS_AND_PATCHES, BlockView, Call, LRPBlock, LRPHead, UnsupportedModelError
+from ._timm import FusedQkvAttentionMath, LayerScaleBlockView, TimmAdapter, timm_head_reads
 
 
-class TimmAttentionMath(AttentionMath):
+class TimmAttentionMath(FusedQkvAttentionMath):
     """``timm.layers.Attention``: ``qkv`` -> q/k norm -> ``proj(norm(A v) * gate)``."""
 
     def __init__(self, module: nn.Module) -> None:
-        super().__init__(module, module.num_heads, module.head_dim, module.scale)
+        super().__init__(module)
         self.finish_reads_input = module.gate is not None
-
-    def project(self, x: Tensor, call: Call) -> Tuple[Tensor, Tensor, Tensor]:
-        m = self.module
-        q, k, v = (self.split_heads(u) for u in m.qkv(x).chunk(3, dim=-1))
-        return m.q_norm(q), m.k_norm(k), v
-
-    def project_rows(self, x: Tensor, call: Call, rows: int) -> Tuple[Tensor, Tensor, Tensor]:
-        m = self.module
-        if type(m.qkv) is not nn.Linear:  # a LoRA-style qkv: call the module itself
-            return super().project_rows(x, call, rows)
-        width = m.qkv.out_features // 3
-        weight, bias = m.qkv.weight, m.qkv.bias
-        q = F.linear(x[:, :rows], weight[:width], None if bias is None else bias[:width])
-        kv = F.linear(x, weight[width:], None if bias is None else bias[width:])
-        k, v = (self.split_heads(u) for u in kv.chunk(2, dim=-1))
-        return m.q_norm(self.split_heads(q)), m.k_norm(k), v
 
     def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         m = self.module
@@ -47,11 +30,8 @@ class TimmAttentionMath(AttentionMath):
             out = out * m.gate(x).sigmoid()
         return m.proj_drop(m.proj(out))
 
-    def attention_dropout(self, weights: Tensor) -> Tensor:
-        return self.module.attn_drop(weights)
 
-
-class TimmBlockView(BlockView):
+class TimmBlockView(LayerScaleBlockView):
     """timm ``Block`` (layer scales ``ls1``/``ls2``)."""
 
     def __init__(self, block: nn.Module) -> None:
@@ -59,18 +39,9 @@ class TimmBlockView(BlockView):
 
         # a subclass of Attention may compute something else: only the class itself has an explicit form
         super().__init__(block, TimmAttentionMath(block.attn) if type(block.attn) is Attention else None)
-        self.norm1_module = block.norm1
-        self.attention_module = block.attn
 
     def attention(self, z: Tensor, call: Call) -> Tensor:
         return self.block.attn(z)
-
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        return self.block.drop_path1(self.block.ls1(a))
-
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        return b.drop_path2(b.ls2(b.mlp(b.norm2(y))))
 
 
 def timm_block_view(block: nn.Module, family: str) -> TimmBlockView:
