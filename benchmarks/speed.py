@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py --model deit_small_patch16_224 --batch 8 --device cpu
     python benchmarks/speed.py --model deit_base_patch16_224 --batch 64 --device cuda --dtype bfloat16
+    python benchmarks/speed.py --model swin_tiny_patch4_window7_224 --batch 8 --methods forward,reciprocam,reciprocam-general --block 5
 
 Each method is timed alternately with a plain forward pass of the same batch
 (forward, method, forward, method, ...), and its multiple of the forward is
@@ -13,7 +14,7 @@ reshaped to the grid); LayerReciproCAM's general path; and, when
 ``pytorch-grad-cam`` is installed, its ScoreCAM and AblationCAM with a ViT
 reshape transform. Weights are random (timing does not depend on them).
 ``reciprocam-general`` is the registry's ``reciprocam`` (block -2, unmasked
-residual) forced onto the general path; ``relevance-float32`` is Relevance in
+residual; another with ``--block``) forced onto the general path; ``relevance-float32`` is Relevance in
 the model's own precision (the registry's ``relevance`` computes in float64 on
 a CPU).
 Prints a Markdown table (images/s, ms/image, multiple of the forward) and
@@ -40,7 +41,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's per-batch progr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from captum_vit import LayerReciproCAM, TransformerAttribution  # noqa: E402
+from captum_vit import LayerReciproCAM, TransformerAttribution, UnsupportedModelError  # noqa: E402
 from captum_vit.adapters import find_adapter  # noqa: E402
 from captum_vit.methods import EXPLAINERS, explainer  # noqa: E402
 
@@ -48,22 +49,38 @@ from captum_vit.methods import EXPLAINERS, explainer  # noqa: E402
 ALL = ["forward", *EXPLAINERS, "reciprocam-general", "relevance-float32", "pgc-scorecam", "pgc-ablationcam"]
 
 
-def build_methods(model: torch.nn.Module, batch: int, copies: int) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
+def build_methods(
+    model: torch.nn.Module, batch: int, copies: int, block: int = -2
+) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
     """The registry's methods (``captum_vit.methods``), as the CLI and the demo run them, plus
-    ReciproCAM's general path forced (``copies`` masked copies per call) and pytorch-grad-cam."""
+    ReciproCAM's general path forced on ``block`` (``copies`` masked copies per call) and pytorch-grad-cam.
+    A method the model's family refuses (e.g. attention methods on Swin) is left out, with its reason."""
 
     def forward(x, t):
         with torch.no_grad():
             return model(x)
 
+    def relevance_float32():  # the model's own precision: what float64 costs
+        relevance = TransformerAttribution(model, precision="float32")
+        return lambda x, t: relevance.attribute(x, target=t)
+
+    def general():
+        cam = LayerReciproCAM(model, find_adapter(model).blocks[block])
+        return lambda x, t: cam.attribute(x, target=t, path="general", batch_size=copies)
+
+    builders: Dict[str, Callable[[], Callable[[torch.Tensor, torch.Tensor], Any]]] = {
+        name: (lambda name=name: explainer(name, model, batch_size=batch if name == "ig" else None))
+        for name in EXPLAINERS  # IG's internal batch is the batch; the others pick their own chunks
+    }
+    builders.update({"reciprocam-general": general, "relevance-float32": relevance_float32})
     methods: Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {"forward": forward}
-    for name in EXPLAINERS:  # IG's internal batch is the batch; the others pick their own chunks
-        methods[name] = explainer(name, model, batch_size=batch if name == "ig" else None)
-    cam = LayerReciproCAM(model, model.blocks[-2])  # the registry's default setting, forced onto the general path
-    methods["reciprocam-general"] = lambda x, t: cam.attribute(x, target=t, path="general", batch_size=copies)
-    relevance = TransformerAttribution(model, precision="float32")  # the model's own precision: what float64 costs
-    methods["relevance-float32"] = lambda x, t: relevance.attribute(x, target=t)
-    methods.update(pytorch_grad_cam_methods(model, batch))
+    for name, build in builders.items():
+        try:
+            methods[name] = build()
+        except UnsupportedModelError as err:
+            print(f"skipping {name}: {str(err).split(';')[0]}", file=sys.stderr)
+    if find_adapter(model).num_prefix_tokens:  # pytorch-grad-cam's ViT reshape: prefix tokens and one grid
+        methods.update(pytorch_grad_cam_methods(model, batch))
     return methods
 
 
@@ -124,6 +141,7 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--copies", type=int, default=None, help="general path: masked copies per call")
+    parser.add_argument("--block", type=int, default=-2, help="general path: the explained block (registry's: -2)")
     parser.add_argument("--methods", default=",".join(ALL), help=f"comma list from {','.join(ALL)}")
     parser.add_argument("--slow-repeats", type=int, default=1, help="timed runs for IG and pytorch-grad-cam (no warm-up)")
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/speed_*.json)")
@@ -132,10 +150,13 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=1000).eval().to(device)
-    images = torch.randn(args.batch, 3, *model.patch_embed.img_size, device=device)
+    image_size = model.patch_embed.img_size
+    images = torch.randn(args.batch, 3, *image_size, device=device)
     targets = torch.randint(0, 1000, (args.batch,), device=device)
-    copies = args.copies or max(256, 4 * (model.patch_embed.num_patches + 1))
-    methods = build_methods(model, args.batch, copies)
+    adapter = find_adapter(model)
+    h, w = adapter.block_grid(args.block % len(adapter.blocks), image_size)
+    copies = args.copies or max(256, 4 * (adapter.num_prefix_tokens + h * w))
+    methods = build_methods(model, args.batch, copies, args.block)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         if args.dtype == "bfloat16" else contextlib.nullcontext()
@@ -166,7 +187,8 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
         "torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "reciprocam_general_copies_per_call": copies,
+        "reciprocam_general_copies_per_call": copies, "reciprocam_general_block": args.block,
+        "reciprocam_general_grid": [h, w],
     }
     print(f"\n{args.model}, batch {args.batch}, {device} ({meta['gpu'] or meta['threads']} "
           f"{'' if meta['gpu'] else 'threads'}), {args.dtype}\n")

@@ -245,6 +245,9 @@ class AttentionExplainer:
         self.adapter = find_adapter(forward_func, None, vit)
         super().__init__(eager_forward_func(forward_func))  # the Captum base class that follows in the MRO
         name = type(self).__name__
+        refusal = self.adapter.attention_refusal()
+        if refusal is not None:
+            raise UnsupportedModelError(f"{name} is not defined for {type(self.adapter.model).__name__}: {refusal}.")
         if not self.adapter.has_class_token:
             raise UnsupportedModelError(
                 f"{name} reads the class token's attention row, but this model has no class token "

@@ -21,10 +21,12 @@ from .adapters import ViTAdapter, eager_forward_func, find_adapter
 class TokenGridForward(nn.Module):
     """``forward_func`` with one layer's patch tokens routed through ``self.grid``.
 
-    During each call a forward hook on ``layer`` reshapes its ``(B, T, D)``
-    output's patch tokens to ``(B, D, h, w)``, passes them through
-    ``self.grid`` (an identity module Captum can hook), and puts them back.
-    The hook exists only while the call runs.
+    During each call a forward hook on ``layer`` reshapes its output's patch
+    tokens (``(B, T, D)``, or the ``(B, h, w, D)`` grid of a Swin block) to
+    ``(B, D, h, w)``, passes them through ``self.grid`` (an identity module
+    Captum can hook), and puts them back. The grid is that of the block
+    holding ``layer`` (hierarchical models have one per stage). The hook
+    exists only while the call runs.
     """
 
     def __init__(self, forward_func: Callable[..., Any], layer: nn.Module, adapter: ViTAdapter) -> None:
@@ -34,6 +36,8 @@ class TokenGridForward(nn.Module):
         self.adapter = adapter
         self.grid = nn.Identity()
         self._image_hw: Any = None
+        holding = [i for i, block in enumerate(adapter.blocks) if any(m is layer for m in block.modules())]
+        self.block_index: Optional[int] = holding[0] if holding else None
 
     def forward(self, *args: Any) -> Tensor:
         with self.adapter.explaining(), self.adapter.recording_image_size() as size, HookSet() as hooks:
@@ -42,11 +46,12 @@ class TokenGridForward(nn.Module):
             return self.forward_func(*args)
 
     def _route(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
-        B, T, D = output.shape
-        P, (h, w) = self.adapter.tokens_layout(T, self._image_hw.image_hw)
-        patches = output[:, P:].transpose(1, 2).reshape(B, D, h, w)
-        patches = self.grid(patches)
-        return torch.cat([output[:, :P], patches.flatten(2).transpose(1, 2)], dim=1)
+        tokens = self.adapter.layer_tokens(output)
+        B, T, D = tokens.shape
+        P, (h, w) = self.adapter.tokens_layout(T, self._image_hw.image_hw, self.block_index)
+        patches = self.grid(tokens[:, P:].transpose(1, 2).reshape(B, D, h, w))
+        routed = torch.cat([tokens[:, :P], patches.flatten(2).transpose(1, 2)], dim=1)
+        return self.adapter.layer_output(routed, output)
 
 
 def vit_layer_gradcam(
@@ -56,9 +61,9 @@ def vit_layer_gradcam(
 
     Args:
         forward_func: the model or a module/callable around it.
-        layer: a module inside the ViT whose output is ``(B, T, D)`` tokens;
-            default the last block's first norm (``blocks[-1].norm1`` in timm,
-            as pytorch-grad-cam's ViT example).
+        layer: a module inside the ViT whose output is ``(B, T, D)`` tokens
+            (``(B, h, w, D)`` in a Swin block); default the last block's first
+            norm (``blocks[-1].norm1`` in timm, as pytorch-grad-cam's ViT example).
         vit: the ViT, if ``forward_func`` is not a module that contains it.
 
     Returns:

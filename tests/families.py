@@ -121,6 +121,22 @@ def timm_vit_srelpos():
                                    init_values=0.5, rel_pos_type="bias", shared_rel_pos=True)
 
 
+def timm_swin():
+    """Two stages: an 8x8 grid (window 4, the second block shifted by 2), then 4x4 (the window covers it)."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(img_size=SIZE, patch_size=8, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                           num_classes=CLASSES)
+
+
+def torchvision_swin():
+    """As timm_swin; torchvision's windows and merging pad, so any image size runs."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[8, 8], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           num_classes=CLASSES)
+
+
 def torchvision_vit():
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -229,7 +245,10 @@ FAMILIES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], List[nn
     "timm BEiT (relative position bias)": (timm_beit, lambda m: list(m.blocks), "timm"),
     "timm relative-position ViT (MLP bias, qk-norm)": (timm_vit_relpos, lambda m: list(m.blocks), "timm"),
     "timm relative-position ViT (shared bias, no prefix token)": (timm_vit_srelpos, lambda m: list(m.blocks), "timm"),
+    "timm Swin (two stages, shifted windows)": (timm_swin, lambda m: [*m.layers[0].blocks, *m.layers[1].blocks], "timm"),
     "torchvision ViT": (torchvision_vit, lambda m: list(m.encoder.layers), "torchvision"),
+    "torchvision Swin (two stages, shifted windows)": (
+        torchvision_swin, lambda m: [*m.features[1], *m.features[3]], "torchvision"),
     "transformers ViTForImageClassification": (hf_vit, lambda m: list(m.vit.layers), "transformers"),
     "transformers DeiTForImageClassificationWithTeacher": (hf_deit_teacher, lambda m: list(m.deit.layers), "transformers"),
     "transformers Dinov2ForImageClassification": (hf_dinov2, lambda m: list(m.dinov2.encoder.layer), "transformers"),
@@ -263,6 +282,7 @@ PREFIX = {
     "timm ViT (2 registers)": 3, "timm DeiT distilled": 2, "timm ViT, avg pool (MAE-style)": 1, "timm NaFlexViT": 2,
     "timm EVA-02 (RoPE, SwiGLU)": 1, "timm RoPE ViT (qk-norm, avg pool)": 2, "timm BEiT (relative position bias)": 1,
     "timm relative-position ViT (MLP bias, qk-norm)": 1, "timm relative-position ViT (shared bias, no prefix token)": 0,
+    "timm Swin (two stages, shifted windows)": 0, "torchvision Swin (two stages, shifted windows)": 0,
     "torchvision ViT": 1, "transformers ViTForImageClassification": 1,
     "transformers DeiTForImageClassificationWithTeacher": 2, "transformers Dinov2ForImageClassification": 1,
     "transformers Dinov2WithRegisters (2 registers)": 3, "transformers CLIPVisionModel + linear head": 1,
@@ -275,6 +295,17 @@ PATCH_POOLED = {"timm ViT, avg pool (MAE-style)", "timm RoPE ViT (qk-norm, avg p
 #: Families whose head reads more than prefix tokens: the ReciproCAM fast path computes every row of the last block.
 READS_PATCH_ROWS = PATCH_POOLED | {"transformers Dinov2ForImageClassification",
                                    "transformers Dinov2WithRegisters (2 registers)"}
+
+#: Windowed families: every block's attention is within windows, so the attention methods refuse, and the
+#: window attention has no explicit form, so ViT-ReciproCAM runs its general path only.
+WINDOWED = {"timm Swin (two stages, shifted windows)", "torchvision Swin (two stages, shifted windows)"}
+#: The grid each block acts on, written out (64x64 images): 4x4 in every plain ViT here.
+GRIDS = {name: [(8, 8), (8, 8), (4, 4), (4, 4)] for name in WINDOWED}
+
+
+def grid_of(name: str, index: int) -> Tuple[int, int]:
+    return GRIDS[name][index] if name in GRIDS else (4, 4)
+
 
 BINOMIAL = [[1, 2, 1], [2, 4, 2], [1, 2, 1]]
 
@@ -299,13 +330,16 @@ def literal_masks(h: int, w: int, P: int, kernel: str, keep_prefix: bool) -> tor
 
 # -- each block kind, written out from its own sub-modules -----------------------
 def _kind(block: nn.Module) -> str:
-    name = type(block).__name__
-    return "beit" if name == "Block" and type(block).__module__.endswith("beit") else name
+    name, module = type(block).__name__, type(block).__module__
+    if name == "SwinTransformerBlock":
+        return "timm swin" if module.startswith("timm") else "torchvision swin"
+    return "beit" if name == "Block" and module.endswith("beit") else name
 
 
 def literal_norm1(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kind = _kind(block)
-    if kind in ("Block", "EvaBlock", "beit", "RelPosBlock", "Dinov2Layer", "Dinov2WithRegistersLayer"):
+    if kind in ("Block", "EvaBlock", "beit", "RelPosBlock", "Dinov2Layer", "Dinov2WithRegistersLayer", "timm swin",
+                "torchvision swin"):
         return block.norm1(x)
     if kind in ("EncoderBlock", "ResidualAttentionBlock"):
         return block.ln_1(x)
@@ -314,9 +348,28 @@ def literal_norm1(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block.layer_norm1(x)  # CLIPEncoderLayer
 
 
+def timm_window_attention(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """timm Swin's attention branch on an ``(N, h, w, D)`` grid: roll, windows, masked attention, back."""
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    N, h, w, D = z.shape
+    (wh, ww), (sh, sw) = block.window_size, block.shift_size
+    assert h % wh == 0 and w % ww == 0  # no padding in the grids built here
+    shifted = torch.roll(z, shifts=(-sh, -sw), dims=(1, 2))
+    windows = window_partition(shifted, (wh, ww)).reshape(-1, wh * ww, D)
+    attended = block.attn(windows, mask=block.attn_mask).reshape(-1, wh, ww, D)
+    return torch.roll(window_reverse(attended, (wh, ww), h, w), shifts=(sh, sw), dims=(1, 2))
+
+
 def literal_block(block: nn.Module, z: torch.Tensor, r: torch.Tensor, kwargs: Dict[str, Any]) -> torch.Tensor:
     """``y = r + branch1(z); y + branch2(y)`` for each block kind."""
     kind = _kind(block)
+    if kind == "timm swin":
+        y = r + timm_window_attention(block, z)
+        return y + block.mlp(block.norm2(y))
+    if kind == "torchvision swin":
+        y = r + block.attn(z)
+        return y + block.mlp(block.norm2(y))
     if kind == "Block":
         y = r + block.ls1(block.attn(z))
         return y + block.ls2(block.mlp(block.norm2(y)))
@@ -351,11 +404,16 @@ def _block_input(args, kwargs):
     return args[0] if args else next(iter(kwargs.values()))
 
 
+def masked(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``t * mask`` token by token: ``(1, T, D)`` tokens, or an ``(1, h, w, D)`` grid (Swin) in row-major order."""
+    return t * mask.view(*t.shape[1:-1], 1)
+
+
 def literal_residual(x: torch.Tensor, z_masked: torch.Tensor, mask: torch.Tensor, residual: str) -> torch.Tensor:
     """The explained block's residual for one copy (docs/methods.md 1.3), written out."""
     if residual == "unmasked":  # the authors' repository: norm1's output replaced, the skip connection untouched
         return x
-    return z_masked if residual == "normalized" else x * mask[:, None]
+    return z_masked if residual == "normalized" else masked(x, mask)
 
 
 def literal_reciprocam(model, block, image, P, kernel="gaussian", keep_prefix=True, residual="unmasked",
@@ -366,7 +424,7 @@ def literal_reciprocam(model, block, image, P, kernel="gaussian", keep_prefix=Tr
 
         def replace(module, args, kwargs, output):
             x = _block_input(args, kwargs)
-            z = literal_norm1(module, x) * mask[:, None]
+            z = masked(literal_norm1(module, x), mask)
             return literal_block(module, z, literal_residual(x, z, mask, residual), kwargs)
 
         handle = block.register_forward_hook(replace, with_kwargs=True)

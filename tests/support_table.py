@@ -28,7 +28,9 @@ def _cell(run, reference) -> str:
             got, note = run()
     except (TypeError, ValueError) as err:
         reason = str(err).split(":")[0].split(";")[0]
-        if "reads patch tokens only" in str(err):
+        if "attend within (shifted) windows" in str(err):
+            reason = "refused: window attention has no class-token row"
+        elif "reads patch tokens only" in str(err):
             reason = "refused: the head never reads the class token"
         elif "has no class token" in str(err):
             reason = "refused: the model has no class token"
@@ -49,7 +51,8 @@ def family_row(name: str) -> str:
             maps = cam.attribute(images, target=targets, normalize=False)[:, 0]
             return maps, f" ({cam.last_path} path)"
 
-        return run, lambda b: families.literal_reciprocam(model, blocks[index], images[b], P)[targets[b]]
+        grid = families.grid_of(name, index)
+        return run, lambda b: families.literal_reciprocam(model, blocks[index], images[b], P, grid=grid)[targets[b]]
 
     def attention(cls, literal):
         def run():

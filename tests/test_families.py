@@ -11,7 +11,9 @@ from families import (
     FAMILIES,
     PATCH_POOLED,
     PREFIX,
+    WINDOWED,
     build,
+    grid_of,
     literal_agcam,
     literal_gradient_rollout,
     literal_reciprocam,
@@ -40,27 +42,47 @@ BLOCKS = {"last": -1, "second last": -2, "first": 0}
 
 @pytest.mark.parametrize("which", list(BLOCKS))
 def test_reciprocam_equals_literal_reference(family, which):
-    """Every residual on both paths; the fast path is proven for every family and block, never a fallback."""
+    """Every residual on both paths; the fast path is proven for every family and block, never a fallback
+    (windowed families have the general path only, and say so)."""
     name, model, blocks, images = family
     before = model_state(model)
     index = BLOCKS[which] % len(blocks)
     explainer = LayerReciproCAM(model, blocks[index])
     targets = torch.tensor([3, 7])
-    P = PREFIX[name]
+    P, grid = PREFIX[name], grid_of(name, index)
+    fast = "general" if name in WINDOWED else "fast"
     for residual in ("unmasked", "normalized", "input"):
-        refs = [literal_reciprocam(model, blocks[index], images[b], P, residual=residual)[targets[b]] for b in range(2)]
+        refs = [literal_reciprocam(model, blocks[index], images[b], P, residual=residual, grid=grid)[targets[b]]
+                for b in range(2)]
         for path in ("general", "auto"):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # the fast path must be proven, not fall back with a warning
                 got = explainer.attribute(images, target=targets, normalize=False, residual=residual, path=path)
-            assert explainer.last_path == ("general" if path == "general" else "fast")
+            assert explainer.last_path == ("general" if path == "general" else fast)
             for b in range(2):
                 torch.testing.assert_close(got[b, 0], refs[b], **TOL)
     # the paper's options on both paths
-    ref = literal_reciprocam(model, blocks[index], images[0], P, "dirac", False, "unmasked", "logits")[3]
-    for path in ("general", "fast"):
+    ref = literal_reciprocam(model, blocks[index], images[0], P, "dirac", False, "unmasked", "logits", grid=grid)[3]
+    for path in ("general", "fast" if fast == "fast" else "auto"):
         got = explainer.attribute(images, target=targets, normalize=False, kernel="dirac", keep_prefix_tokens=False,
                                   scores="logits", path=path)
+        torch.testing.assert_close(got[0, 0], ref, **TOL)
+    if name in WINDOWED:
+        with pytest.raises(ValueError, match="path='fast' is not exact here: .*no explicit form"):
+            explainer.attribute(images, target=targets, path="fast")
+    assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWED))
+def test_shifted_window_block_equals_literal_reference(name):
+    """The first stage's second block attends in windows shifted by half a window (an attention mask)."""
+    _library(name)
+    model, blocks, images = build(name)
+    before = model_state(model)
+    explainer = LayerReciproCAM(model, blocks[1])
+    for residual in ("unmasked", "input"):
+        got = explainer.attribute(images[:1], target=5, normalize=False, residual=residual)
+        ref = literal_reciprocam(model, blocks[1], images[0], 0, residual=residual, grid=(8, 8))[5]
         torch.testing.assert_close(got[0, 0], ref, **TOL)
     assert_same_state(before, model_state(model))
 
@@ -71,6 +93,12 @@ def test_attention_methods_equal_literal_references(family, which):
     before = model_state(model)
     chosen = [len(blocks) - 1] if which == "last" else [0, 1]
     methods = (AttentionGuidedGradCAM, AttentionRollout, GradientRollout)
+    if name in WINDOWED:
+        for cls in methods:
+            with pytest.raises(TypeError, match="attend within \\(shifted\\) windows.*Use LayerReciproCAM"):
+                cls(model, layers=chosen)
+        assert_same_state(before, model_state(model))
+        return
     if name in PATCH_POOLED:
         for cls in methods:
             with pytest.raises(TypeError, match="(reads patch tokens only|has no class token).*[Uu]se LayerReciproCAM"):

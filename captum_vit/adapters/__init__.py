@@ -38,7 +38,9 @@ from .open_clip_vit import OpenClipViTAdapter
 from .timm_beit import TimmBeitAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_relpos import TimmRelPosViTAdapter
+from .timm_swin import TimmSwinAdapter
 from .timm_vit import TimmNaFlexViTAdapter, TimmViTAdapter
+from .torchvision_swin import TorchvisionSwinAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
 __all__ = [
@@ -54,13 +56,15 @@ ADAPTERS: Tuple[Type[ViTAdapter], ...] = (
     TimmEvaAdapter,
     TimmBeitAdapter,
     TimmRelPosViTAdapter,
+    TimmSwinAdapter,
     TorchvisionViTAdapter,
+    TorchvisionSwinAdapter,
     HFViTAdapter,
     OpenClipViTAdapter,
 )
 
-#: Class-name fragments of windowed or hierarchical vision transformers: their
-#: tokens are not one flat sequence with prefix tokens, so nothing here applies.
+#: Class-name fragments of windowed or hierarchical vision transformers that no adapter knows (Swin v1 has
+#: adapters; Swin v2 normalises after attention, so no masked normalised input feeds its attention).
 _WINDOWED = ("swin", "maxvit", "hiera", "mvit", "twins", "pvt", "coat", "nest", "davit", "efficientformer")
 
 
@@ -168,9 +172,10 @@ def _not_found_message(root: nn.Module) -> str:
     windowed = [type(m).__name__ for m in root.modules() if any(w in type(m).__name__.lower() for w in _WINDOWED)]
     if windowed:
         return (
-            f"{windowed[0]} is a windowed or hierarchical vision transformer: its tokens are not one sequence "
-            "with a class token and a patch grid, which every method here needs. Supported families: "
-            f"{supported_families()}."
+            f"{windowed[0]} is a windowed or hierarchical vision transformer that captum_vit does not know (of "
+            "these, Swin v1 is supported: timm SwinTransformer, torchvision swin_t/s/b; Swin v2 normalises after "
+            "attention, so no masked normalised input feeds it). Supported families: "
+            f"{supported_families()}. Captum's LayerGradCam on a stage's output works on any model."
         )
     return (
         f"no supported Vision Transformer was found in {name}. Supported families: {supported_families()}. "

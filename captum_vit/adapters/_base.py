@@ -3,7 +3,10 @@
 An adapter is the only code that knows a model family's layout. It answers:
 
 - the token layout for the input actually given: prefix tokens (class,
-  distillation, register tokens) and the patch grid (``grid_for``);
+  distillation, register tokens) and the patch grid (``grid_for``; a
+  hierarchical model such as Swin has one grid per stage, ``block_grid``),
+  and how a layer's output inside the blocks reads as ``(B, T, D)`` tokens
+  (``layer_tokens``; Swin's blocks act on ``(B, h, w, D)`` grids);
 - the blocks, and for one block a `BlockView`: its first norm, its
   attention branch (called with the extra arguments of the real call, such as
   RoPE or a relative-position bias), its layer scales and MLP branch, so that
@@ -363,7 +366,24 @@ class ViTAdapter:
         raise NotImplementedError
 
     def grid_for(self, image_hw: Sequence[int]) -> Tuple[int, int]:
+        """The ``(h, w)`` patch grid of an ``image_hw`` input (of the last block, where grids differ)."""
         raise NotImplementedError
+
+    def block_grid(self, index: int, image_hw: Sequence[int]) -> Tuple[int, int]:
+        """The ``(h, w)`` grid that block ``index`` acts on (one grid for every block unless hierarchical)."""
+        return self.grid_for(image_hw)
+
+    def layer_tokens(self, output: Tensor) -> Tensor:
+        """A layer's output inside the blocks as ``(B, T, D)`` tokens (a view)."""
+        return output
+
+    def layer_output(self, tokens: Tensor, like: Tensor) -> Tensor:
+        """``(B, T, D)`` tokens back in the layout of the layer output ``like`` (inverse of `layer_tokens`)."""
+        return tokens
+
+    def attention_refusal(self) -> Optional[str]:
+        """Why no method reading attention matrices applies to this family, with what to use instead, or ``None``."""
+        return None
 
     @property
     def head_reads(self) -> str:
@@ -407,9 +427,11 @@ class ViTAdapter:
                 return f"model.{name}"
         return "the model's blocks"
 
-    def tokens_layout(self, num_tokens: int, image_hw: Sequence[int]) -> Tuple[int, Tuple[int, int]]:
-        """``(P, (h, w))`` for a block input of ``num_tokens`` tokens; checked."""
-        h, w = self.grid_for(image_hw)
+    def tokens_layout(
+        self, num_tokens: int, image_hw: Sequence[int], block_index: Optional[int] = None
+    ) -> Tuple[int, Tuple[int, int]]:
+        """``(P, (h, w))`` for ``num_tokens`` tokens at block ``block_index`` (the last grid if ``None``); checked."""
+        h, w = self.grid_for(image_hw) if block_index is None else self.block_grid(block_index, image_hw)
         P = self.num_prefix_tokens
         if P + h * w != num_tokens:
             raise RuntimeError(

@@ -98,8 +98,8 @@ class _Pass:
     recorder: Any = None
     images_seen: int = 0
 
-    def layout(self, adapter: ViTAdapter, num_tokens: int) -> Tuple[int, Tuple[int, int]]:
-        return adapter.tokens_layout(num_tokens, self.recorder.image_hw)
+    def layout(self, adapter: ViTAdapter, num_tokens: int, block_index: int) -> Tuple[int, Tuple[int, int]]:
+        return adapter.tokens_layout(num_tokens, self.recorder.image_hw, block_index)
 
 
 class CopyStrategy:
@@ -112,6 +112,7 @@ class CopyStrategy:
         self.adapter = adapter
         self.view = view
         self.options = options
+        self.block_index = adapter.block_index(view.block)
 
     def copies_per_call(self, num_cells: int) -> int:
         """Copies per call of ``forward_func``: ``batch_size``, else a token budget."""
@@ -127,7 +128,7 @@ class CopyStrategy:
         if self.view.math is not None:
             self.view.math.check_call(self.view.attention_call(call))
         forward.images_seen = n = x.shape[0]
-        P, grid = forward.layout(self.adapter, x.shape[1])
+        P, grid = forward.layout(self.adapter, x.shape[1], self.block_index)
         rows = self.output_rows(P, x.shape[1])
         copies = x.new_empty(n, forward.copies.count, rows, x.shape[2])
         if forward.copies.with_unmasked:

@@ -215,7 +215,7 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
                 raise own from own.__cause__  # the caller's own error, and where it came from
 
     def _probe_grid(self, prepared: PreparedInputs) -> Tuple[int, int]:
-        """The patch grid for these inputs, from a forward stopped at the image entry."""
+        """The explained block's patch grid for these inputs, from a forward stopped at the image entry."""
 
         def stop(module: nn.Module, args: Tuple[Any, ...]) -> None:
             raise _StopForward
@@ -229,4 +229,4 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
                 pass
         if recorder.image_hw is None:
             raise RuntimeError("forward_func never ran the model's patch embedding; is it the right model?")
-        return self.adapter.grid_for(recorder.image_hw)
+        return self.adapter.block_grid(self.block_index, recorder.image_hw)
