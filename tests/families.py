@@ -20,15 +20,17 @@ DIM, HEADS, DEPTH, CLASSES = 64, 4, 3, 10
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-draw every parameter (biases, norms, layer scales) so no term can hide."""
+    """Re-draw every parameter (biases, norms, layer scales) so no term can hide; norm weights (BatchNorm's too)
+    and XCiT's attention temperatures near 1, as trained models have them, so the image reaches the head."""
     g = torch.Generator().manual_seed(seed)
+    batch_norms = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))}
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             last = name.split(".")[-1]
-            if ("norm" in name or "ln" in name) and last == "weight":
+            if ("norm" in name or "ln" in name) and last == "weight" or name in batch_norms or last == "temperature":
                 p.copy_(1.0 + 0.2 * noise)
-            elif last in ("gamma", "gamma_1", "gamma_2", "lambda1") or ".ls" in name:
+            elif last in ("gamma", "gamma_1", "gamma_2", "gamma1", "gamma2", "gamma3", "lambda1") or ".ls" in name:
                 p.copy_(0.5 + 0.2 * noise)
             elif "position_bias_table" in name:
                 p.copy_(0.5 * noise)
@@ -119,6 +121,22 @@ def timm_vit_srelpos():
     return VisionTransformerRelPos(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
                                    num_classes=CLASSES, class_token=False, global_pool="avg", qkv_bias=True,
                                    init_values=0.5, rel_pos_type="bias", shared_rel_pos=True)
+
+
+def timm_cait():
+    """Three talking-heads self-attention blocks on the patches, then two class-attention blocks."""
+    from timm.models.cait import Cait
+
+    return Cait(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES,
+                depth_token_only=2, init_values=0.5)
+
+
+def timm_xcit():
+    """Three cross-covariance blocks (attention, local patch interaction, MLP), then two class-attention blocks."""
+    from timm.models.xcit import Xcit
+
+    return Xcit(img_size=SIZE, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES,
+                cls_attn_layers=2, eta=0.5)
 
 
 def timm_swin():
@@ -245,6 +263,8 @@ FAMILIES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], List[nn
     "timm BEiT (relative position bias)": (timm_beit, lambda m: list(m.blocks), "timm"),
     "timm relative-position ViT (MLP bias, qk-norm)": (timm_vit_relpos, lambda m: list(m.blocks), "timm"),
     "timm relative-position ViT (shared bias, no prefix token)": (timm_vit_srelpos, lambda m: list(m.blocks), "timm"),
+    "timm CaiT (class attention after the blocks)": (timm_cait, lambda m: list(m.blocks), "timm"),
+    "timm XCiT (cross-covariance attention)": (timm_xcit, lambda m: list(m.blocks), "timm"),
     "timm Swin (two stages, shifted windows)": (timm_swin, lambda m: [*m.layers[0].blocks, *m.layers[1].blocks], "timm"),
     "torchvision ViT": (torchvision_vit, lambda m: list(m.encoder.layers), "torchvision"),
     "torchvision Swin (two stages, shifted windows)": (
@@ -283,6 +303,7 @@ PREFIX = {
     "timm EVA-02 (RoPE, SwiGLU)": 1, "timm RoPE ViT (qk-norm, avg pool)": 2, "timm BEiT (relative position bias)": 1,
     "timm relative-position ViT (MLP bias, qk-norm)": 1, "timm relative-position ViT (shared bias, no prefix token)": 0,
     "timm Swin (two stages, shifted windows)": 0, "torchvision Swin (two stages, shifted windows)": 0,
+    "timm CaiT (class attention after the blocks)": 0, "timm XCiT (cross-covariance attention)": 0,
     "torchvision ViT": 1, "transformers ViTForImageClassification": 1,
     "transformers DeiTForImageClassificationWithTeacher": 2, "transformers Dinov2ForImageClassification": 1,
     "transformers Dinov2WithRegisters (2 registers)": 3, "transformers CLIPVisionModel + linear head": 1,
@@ -299,6 +320,9 @@ READS_PATCH_ROWS = PATCH_POOLED | {"transformers Dinov2ForImageClassification",
 #: Windowed families: every block's attention is within windows, so the attention methods refuse, and the
 #: window attention has no explicit form, so ViT-ReciproCAM runs its general path only.
 WINDOWED = {"timm Swin (two stages, shifted windows)", "torchvision Swin (two stages, shifted windows)"}
+#: Families whose explained blocks have no class token (it joins in class-attention blocks at the end) and whose
+#: attention has no explicit form here: attention methods refuse, ViT-ReciproCAM runs its general path.
+CLASS_ATTENTION = {"timm CaiT (class attention after the blocks)", "timm XCiT (cross-covariance attention)"}
 #: The grid each block acts on, written out (64x64 images): 4x4 in every plain ViT here.
 GRIDS = {name: [(8, 8), (8, 8), (4, 4), (4, 4)] for name in WINDOWED}
 
@@ -339,7 +363,7 @@ def _kind(block: nn.Module) -> str:
 def literal_norm1(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kind = _kind(block)
     if kind in ("Block", "EvaBlock", "beit", "RelPosBlock", "Dinov2Layer", "Dinov2WithRegistersLayer", "timm swin",
-                "torchvision swin"):
+                "torchvision swin", "LayerScaleBlock", "XCABlock"):
         return block.norm1(x)
     if kind in ("EncoderBlock", "ResidualAttentionBlock"):
         return block.ln_1(x)
@@ -364,6 +388,14 @@ def timm_window_attention(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
 def literal_block(block: nn.Module, z: torch.Tensor, r: torch.Tensor, kwargs: Dict[str, Any]) -> torch.Tensor:
     """``y = r + branch1(z); y + branch2(y)`` for each block kind."""
     kind = _kind(block)
+    if kind == "LayerScaleBlock":  # CaiT
+        y = r + block.gamma_1 * block.attn(z)
+        return y + block.gamma_2 * block.mlp(block.norm2(y))
+    if kind == "XCABlock":
+        H, W = kwargs["positional"]
+        y = r + block.gamma1 * block.attn(z)
+        y = y + block.gamma3 * block.local_mp(block.norm3(y), H, W)
+        return y + block.gamma2 * block.mlp(block.norm2(y))
     if kind == "timm swin":
         y = r + timm_window_attention(block, z)
         return y + block.mlp(block.norm2(y))
@@ -425,7 +457,7 @@ def literal_reciprocam(model, block, image, P, kernel="gaussian", keep_prefix=Tr
         def replace(module, args, kwargs, output):
             x = _block_input(args, kwargs)
             z = masked(literal_norm1(module, x), mask)
-            return literal_block(module, z, literal_residual(x, z, mask, residual), kwargs)
+            return literal_block(module, z, literal_residual(x, z, mask, residual), {**kwargs, "positional": args[1:]})
 
         handle = block.register_forward_hook(replace, with_kwargs=True)
         try:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_same_state, model_state
 from families import (
+    CLASS_ATTENTION,
     FAMILIES,
     PATCH_POOLED,
     PREFIX,
@@ -50,7 +51,7 @@ def test_reciprocam_equals_literal_reference(family, which):
     explainer = LayerReciproCAM(model, blocks[index])
     targets = torch.tensor([3, 7])
     P, grid = PREFIX[name], grid_of(name, index)
-    fast = "general" if name in WINDOWED else "fast"
+    fast = "general" if name in WINDOWED | CLASS_ATTENTION else "fast"
     for residual in ("unmasked", "normalized", "input"):
         refs = [literal_reciprocam(model, blocks[index], images[b], P, residual=residual, grid=grid)[targets[b]]
                 for b in range(2)]
@@ -67,7 +68,7 @@ def test_reciprocam_equals_literal_reference(family, which):
         got = explainer.attribute(images, target=targets, normalize=False, kernel="dirac", keep_prefix_tokens=False,
                                   scores="logits", path=path)
         torch.testing.assert_close(got[0, 0], ref, **TOL)
-    if name in WINDOWED:
+    if fast == "general":
         with pytest.raises(ValueError, match="path='fast' is not exact here: .*no explicit form"):
             explainer.attribute(images, target=targets, path="fast")
     assert_same_state(before, model_state(model))
@@ -87,21 +88,27 @@ def test_shifted_window_block_equals_literal_reference(name):
     assert_same_state(before, model_state(model))
 
 
+def _attention_refusal(name):
+    """The refusal the attention methods must give on family ``name`` (a pattern), or ``None``."""
+    if name in WINDOWED:
+        return "attend within \\(shifted\\) windows.*Use LayerReciproCAM"
+    if name in CLASS_ATTENTION:
+        return "class token joins only in the class-attention blocks.*LayerReciproCAM"
+    if name in PATCH_POOLED:
+        return "(reads patch tokens only|has no class token).*[Uu]se LayerReciproCAM"
+    return None
+
+
 @pytest.mark.parametrize("which", ["last", "earlier"])
 def test_attention_methods_equal_literal_references(family, which):
     name, model, blocks, images = family
     before = model_state(model)
     chosen = [len(blocks) - 1] if which == "last" else [0, 1]
     methods = (AttentionGuidedGradCAM, AttentionRollout, GradientRollout)
-    if name in WINDOWED:
+    refusal = _attention_refusal(name)
+    if refusal is not None:
         for cls in methods:
-            with pytest.raises(TypeError, match="attend within \\(shifted\\) windows.*Use LayerReciproCAM"):
-                cls(model, layers=chosen)
-        assert_same_state(before, model_state(model))
-        return
-    if name in PATCH_POOLED:
-        for cls in methods:
-            with pytest.raises(TypeError, match="(reads patch tokens only|has no class token).*[Uu]se LayerReciproCAM"):
+            with pytest.raises(TypeError, match=refusal):
                 cls(model, layers=chosen)
         assert_same_state(before, model_state(model))
         return

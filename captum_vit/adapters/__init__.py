@@ -36,10 +36,12 @@ from ._base import (
 from .hf_transformers import HFViTAdapter
 from .open_clip_vit import OpenClipViTAdapter
 from .timm_beit import TimmBeitAdapter
+from .timm_cait import TimmCaitAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_relpos import TimmRelPosViTAdapter
 from .timm_swin import TimmSwinAdapter
 from .timm_vit import TimmNaFlexViTAdapter, TimmViTAdapter
+from .timm_xcit import TimmXcitAdapter
 from .torchvision_swin import TorchvisionSwinAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
@@ -57,6 +59,8 @@ ADAPTERS: Tuple[Type[ViTAdapter], ...] = (
     TimmBeitAdapter,
     TimmRelPosViTAdapter,
     TimmSwinAdapter,
+    TimmCaitAdapter,
+    TimmXcitAdapter,
     TorchvisionViTAdapter,
     TorchvisionSwinAdapter,
     HFViTAdapter,
