@@ -155,6 +155,14 @@ def torchvision_swin():
                            num_classes=CLASSES)
 
 
+def hf_swin():
+    """As timm_swin, in transformers: SwinForImageClassification."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    return SwinForImageClassification(SwinConfig(image_size=SIZE, patch_size=8, embed_dim=32, depths=[2, 2],
+                                                 num_heads=[2, 4], window_size=4, num_labels=CLASSES))
+
+
 def torchvision_vit():
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -274,6 +282,8 @@ FAMILIES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], List[nn
     "transformers Dinov2ForImageClassification": (hf_dinov2, lambda m: list(m.dinov2.encoder.layer), "transformers"),
     "transformers Dinov2WithRegisters (2 registers)": (
         hf_dinov2_registers, lambda m: list(m.dinov2_with_registers.encoder.layer), "transformers"),
+    "transformers SwinForImageClassification (two stages, shifted windows)": (
+        hf_swin, lambda m: [*m.swin.encoder.layers[0].blocks, *m.swin.encoder.layers[1].blocks], "transformers"),
     "transformers CLIPVisionModel + linear head": (
         hf_clip_vision_head, lambda m: list(m.backbone.encoder.layers), "transformers"),
     "open_clip VisionTransformer + linear head": (
@@ -304,6 +314,7 @@ PREFIX = {
     "timm relative-position ViT (MLP bias, qk-norm)": 1, "timm relative-position ViT (shared bias, no prefix token)": 0,
     "timm Swin (two stages, shifted windows)": 0, "torchvision Swin (two stages, shifted windows)": 0,
     "timm CaiT (class attention after the blocks)": 0, "timm XCiT (cross-covariance attention)": 0,
+    "transformers SwinForImageClassification (two stages, shifted windows)": 0,
     "torchvision ViT": 1, "transformers ViTForImageClassification": 1,
     "transformers DeiTForImageClassificationWithTeacher": 2, "transformers Dinov2ForImageClassification": 1,
     "transformers Dinov2WithRegisters (2 registers)": 3, "transformers CLIPVisionModel + linear head": 1,
@@ -319,7 +330,8 @@ READS_PATCH_ROWS = PATCH_POOLED | {"transformers Dinov2ForImageClassification",
 
 #: Windowed families: every block's attention is within windows, so the attention methods refuse, and the
 #: window attention has no explicit form, so ViT-ReciproCAM runs its general path only.
-WINDOWED = {"timm Swin (two stages, shifted windows)", "torchvision Swin (two stages, shifted windows)"}
+WINDOWED = {"timm Swin (two stages, shifted windows)", "torchvision Swin (two stages, shifted windows)",
+            "transformers SwinForImageClassification (two stages, shifted windows)"}
 #: Families whose explained blocks have no class token (it joins in class-attention blocks at the end) and whose
 #: attention has no explicit form here: attention methods refuse, ViT-ReciproCAM runs its general path.
 CLASS_ATTENTION = {"timm CaiT (class attention after the blocks)", "timm XCiT (cross-covariance attention)"}
@@ -367,7 +379,7 @@ def literal_norm1(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block.norm1(x)
     if kind in ("EncoderBlock", "ResidualAttentionBlock"):
         return block.ln_1(x)
-    if kind in ("ViTLayer", "DeiTLayer"):
+    if kind in ("ViTLayer", "DeiTLayer", "SwinLayer"):
         return block.layernorm_before(x)
     return block.layer_norm1(x)  # CLIPEncoderLayer
 
@@ -385,7 +397,19 @@ def timm_window_attention(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return torch.roll(window_reverse(attended, (wh, ww), h, w), shifts=(sh, sw), dims=(1, 2))
 
 
-def literal_block(block: nn.Module, z: torch.Tensor, r: torch.Tensor, kwargs: Dict[str, Any]) -> torch.Tensor:
+def hf_window_attention(block: nn.Module, z: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """transformers SwinLayer's attention branch on ``(N, h*w, D)`` tokens: roll, windows, masked attention, back."""
+    (h, w), (N, _, D) = grid, z.shape
+    s, shift = block.window_size, block.shift_size
+    assert h % s == 0 and w % s == 0  # no padding in the grids built here
+    rolled = torch.roll(z.view(N, h, w, D), shifts=(-shift, -shift), dims=(1, 2))
+    windows = rolled.view(N, h // s, s, w // s, s, D).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, D)
+    out = block.attention(windows, block.get_attn_mask(h, w, dtype=z.dtype, device=z.device))[0]
+    out = out.view(N, h // s, w // s, s, s, D).permute(0, 1, 3, 2, 4, 5).reshape(N, h, w, D)
+    return torch.roll(out, shifts=(shift, shift), dims=(1, 2)).reshape(N, h * w, D)
+
+
+def literal_block(block: nn.Module, z: torch.Tensor, r: torch.Tensor, kwargs: Dict[str, Any]) -> Any:
     """``y = r + branch1(z); y + branch2(y)`` for each block kind."""
     kind = _kind(block)
     if kind == "LayerScaleBlock":  # CaiT
@@ -396,6 +420,9 @@ def literal_block(block: nn.Module, z: torch.Tensor, r: torch.Tensor, kwargs: Di
         y = r + block.gamma1 * block.attn(z)
         y = y + block.gamma3 * block.local_mp(block.norm3(y), H, W)
         return y + block.gamma2 * block.mlp(block.norm2(y))
+    if kind == "SwinLayer":  # transformers: the grid comes with the call; the output is a tuple
+        y = r + hf_window_attention(block, z, kwargs["positional"][0])
+        return y + block.mlp(block.layernorm_after(y)), None
     if kind == "timm swin":
         y = r + timm_window_attention(block, z)
         return y + block.mlp(block.norm2(y))

@@ -33,16 +33,34 @@ def torchvision_swin():
     return randomize(model), [*model.features[1], *model.features[3]]
 
 
+def hf_swin():
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(0)
+    model = SwinForImageClassification(SwinConfig(image_size=64, patch_size=8, embed_dim=32, depths=[2, 2],
+                                                  num_heads=[2, 4], window_size=4, num_labels=CLASSES))
+    return randomize(model), [*model.swin.encoder.layers[0].blocks, *model.swin.encoder.layers[1].blocks]
+
+
+def logits(model):
+    return (lambda x: model(x).logits) if hasattr(model, "swin") else model
+
+
+MODELS = {"timm": lambda: timm_swin((64, 128)), "torchvision": torchvision_swin, "transformers": hf_swin}
+
+
 def image(h, w, seed=1):
     return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def test_non_square_grids_keep_row_major_order():
+@pytest.mark.parametrize("library", list(MODELS))
+def test_non_square_grids_keep_row_major_order(library):
     """64x128 images: 8x16 then 4x8 grids; a transposed token order would fail here, not on square grids."""
-    model, blocks = timm_swin((64, 128))
+    pytest.importorskip(library)
+    model, blocks = MODELS[library]()
     x = image(64, 128)
     for index, grid in ((1, (8, 16)), (3, (4, 8))):
-        got = LayerReciproCAM(model, blocks[index]).attribute(x, target=2, normalize=False)
+        got = LayerReciproCAM(logits(model), blocks[index], vit=model).attribute(x, target=2, normalize=False)
         assert got.shape == (1, 1, *grid)
         torch.testing.assert_close(got[0, 0], literal_reciprocam(model, blocks[index], x[0], 0, grid=grid)[2], **TOL)
 
@@ -59,8 +77,8 @@ def test_torchvision_pads_odd_grids_as_its_model_does():
     assert_same_state(before, model_state(model))
 
 
-def literal_gradcam(model, layer, x, target):
-    """Grad-CAM on a layer's ``(1, h, w, D)`` output: ``relu(sum_d mean_hw(dy/dF_d) F_d)``, written out."""
+def literal_gradcam(model, layer, x, target, grid):
+    """Grad-CAM on a layer's ``(1, h, w, D)`` (or ``(1, h*w, D)``) output: ``relu(sum_d mean_hw(dy/dF_d) F_d)``."""
     kept = {}
 
     def keep(module, args, output):
@@ -69,23 +87,25 @@ def literal_gradcam(model, layer, x, target):
 
     handle = layer.register_forward_hook(keep)
     try:
-        model(x)[0, target].backward()
+        logits(model)(x)[0, target].backward()
     finally:
         handle.remove()
     model.zero_grad(set_to_none=True)
-    features, grads = kept["features"][0], kept["features"].grad[0]
+    features, grads = (t[0].reshape(*grid, t.shape[-1]) for t in (kept["features"], kept["features"].grad))
     return (grads.mean(dim=(0, 1)) * features).sum(-1).clamp(min=0).detach()
 
 
-@pytest.mark.parametrize("library", ["timm", "torchvision"])
+@pytest.mark.parametrize("library", list(MODELS))
 def test_layer_gradcam_reads_each_stage_grid(library):
-    model, blocks = timm_swin(64) if library == "timm" else torchvision_swin()
+    pytest.importorskip(library)
+    model, blocks = MODELS[library]()
     before = model_state(model)
-    x = image(64, 64)
-    for layer, grid in ((None, (4, 4)), (blocks[0].norm1, (8, 8))):
-        got = vit_layer_gradcam(model, layer=layer).attribute(x, target=6, relu_attributions=True)
+    x = image(64, 128)
+    norm1 = (lambda b: b.layernorm_before) if library == "transformers" else (lambda b: b.norm1)
+    for layer, grid in ((None, (4, 8)), (norm1(blocks[0]), (8, 16))):
+        got = vit_layer_gradcam(logits(model), layer=layer, vit=model).attribute(x, target=6, relu_attributions=True)
         assert got.shape == (1, 1, *grid)
-        ref = literal_gradcam(model, blocks[-1].norm1 if layer is None else layer, x, 6)
+        ref = literal_gradcam(model, norm1(blocks[-1]) if layer is None else layer, x, 6, grid)
         torch.testing.assert_close(got[0, 0], ref, **TOL)
     assert_same_state(before, model_state(model))
 

@@ -33,6 +33,7 @@ from ._base import (
     split_call,
     split_heads,
 )
+from .hf_swin import HFSwinAdapter
 from .hf_transformers import HFViTAdapter
 from .open_clip_vit import OpenClipViTAdapter
 from .timm_beit import TimmBeitAdapter
@@ -64,6 +65,7 @@ ADAPTERS: Tuple[Type[ViTAdapter], ...] = (
     TorchvisionViTAdapter,
     TorchvisionSwinAdapter,
     HFViTAdapter,
+    HFSwinAdapter,
     OpenClipViTAdapter,
 )
 
@@ -177,7 +179,7 @@ def _not_found_message(root: nn.Module) -> str:
     if windowed:
         return (
             f"{windowed[0]} is a windowed or hierarchical vision transformer that captum_vit does not know (of "
-            "these, Swin v1 is supported: timm SwinTransformer, torchvision swin_t/s/b; Swin v2 normalises after "
+            "these, Swin v1 is supported: timm SwinTransformer, torchvision swin_t/s/b, transformers SwinModel; Swin v2 normalises after "
             "attention, so no masked normalised input feeds it). Supported families: "
             f"{supported_families()}. Captum's LayerGradCam on a stage's output works on any model."
         )
