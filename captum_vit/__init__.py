@@ -7,7 +7,7 @@ Methods (Captum ``Attribution`` subclasses with ``attribute(inputs, target=...)`
 - `AttentionRollout`, `GradientRollout` and
   `TransformerAttribution` (Chefer et al.'s LRP relevance): the baselines.
 
-Models: timm ViT/DeiT/NaFlexViT/EVA/BEiT/relative-position ViTs/CaiT/XCiT, torchvision,
+Models: timm ViT/DeiT/NaFlexViT/EVA/BEiT/relative-position ViTs/CaiT/XCiT/PiT, torchvision,
 transformers and open_clip ViTs, timm, torchvision and transformers Swin (ViT-ReciproCAM
 and LayerGradCam), each through one adapter in `captum_vit.adapters`.
 Metrics live in `captum_vit.metrics`. Importing this package does not

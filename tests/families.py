@@ -139,6 +139,14 @@ def timm_xcit():
                 cls_attn_layers=2, eta=0.5)
 
 
+def timm_pit():
+    """Two stages: a 7x7 grid (two blocks), pooled by a strided convolution to 4x4 (one block)."""
+    from timm.models.pit import PoolingVisionTransformer
+
+    return PoolingVisionTransformer(img_size=SIZE, patch_size=16, stride=8, base_dims=[16, 16], depth=[2, 1],
+                                    heads=[2, 4], mlp_ratio=2.0, num_classes=CLASSES)
+
+
 def timm_swin():
     """Two stages: an 8x8 grid (window 4, the second block shifted by 2), then 4x4 (the window covers it)."""
     from timm.models.swin_transformer import SwinTransformer
@@ -273,6 +281,8 @@ FAMILIES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], List[nn
     "timm relative-position ViT (shared bias, no prefix token)": (timm_vit_srelpos, lambda m: list(m.blocks), "timm"),
     "timm CaiT (class attention after the blocks)": (timm_cait, lambda m: list(m.blocks), "timm"),
     "timm XCiT (cross-covariance attention)": (timm_xcit, lambda m: list(m.blocks), "timm"),
+    "timm PiT (the grid pooled between stages)": (
+        timm_pit, lambda m: [*m.transformers[0].blocks, *m.transformers[1].blocks], "timm"),
     "timm Swin (two stages, shifted windows)": (timm_swin, lambda m: [*m.layers[0].blocks, *m.layers[1].blocks], "timm"),
     "torchvision ViT": (torchvision_vit, lambda m: list(m.encoder.layers), "torchvision"),
     "torchvision Swin (two stages, shifted windows)": (
@@ -315,6 +325,7 @@ PREFIX = {
     "timm Swin (two stages, shifted windows)": 0, "torchvision Swin (two stages, shifted windows)": 0,
     "timm CaiT (class attention after the blocks)": 0, "timm XCiT (cross-covariance attention)": 0,
     "transformers SwinForImageClassification (two stages, shifted windows)": 0,
+    "timm PiT (the grid pooled between stages)": 1,
     "torchvision ViT": 1, "transformers ViTForImageClassification": 1,
     "transformers DeiTForImageClassificationWithTeacher": 2, "transformers Dinov2ForImageClassification": 1,
     "transformers Dinov2WithRegisters (2 registers)": 3, "transformers CLIPVisionModel + linear head": 1,
@@ -335,8 +346,11 @@ WINDOWED = {"timm Swin (two stages, shifted windows)", "torchvision Swin (two st
 #: Families whose explained blocks have no class token (it joins in class-attention blocks at the end) and whose
 #: attention has no explicit form here: attention methods refuse, ViT-ReciproCAM runs its general path.
 CLASS_ATTENTION = {"timm CaiT (class attention after the blocks)", "timm XCiT (cross-covariance attention)"}
+#: Families whose grid shrinks between stages: attention methods refuse (their matrices do not compose).
+POOLED_STAGES = {"timm PiT (the grid pooled between stages)"}
 #: The grid each block acts on, written out (64x64 images): 4x4 in every plain ViT here.
 GRIDS = {name: [(8, 8), (8, 8), (4, 4), (4, 4)] for name in WINDOWED}
+GRIDS["timm PiT (the grid pooled between stages)"] = [(7, 7), (7, 7), (4, 4)]
 
 
 def grid_of(name: str, index: int) -> Tuple[int, int]:
@@ -615,3 +629,21 @@ def literal_gradient_rollout(model, blocks, chosen, image, target, P, grid=(4, 4
     for i, g in zip(chosen, grads):
         relevance = relevance + (g[0] * weights[i][0]).clamp(min=0).mean(0) @ relevance
     return relevance[0, P:].reshape(grid).detach()
+
+
+def literal_gradcam(forward, layer, x, target, grid, P=0):
+    """Grad-CAM of one image on a layer's patch tokens (``(1, P + h*w, D)``, or Swin's ``(1, h, w, D)``):
+    ``relu(sum_d mean_hw(dy/dF_d) F_d)`` on the ``h x w`` grid, written out."""
+    kept = {}
+
+    def keep(module, args, output):
+        kept["features"] = output
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        score = forward(x)[0, target]
+    finally:
+        handle.remove()
+    grad = torch.autograd.grad(score, kept["features"])[0]  # nothing is left on the parameters
+    features, grads = (t[0].reshape(-1, t.shape[-1])[P:].reshape(*grid, t.shape[-1]) for t in (kept["features"], grad))
+    return (grads.mean(dim=(0, 1)) * features).sum(-1).clamp(min=0).detach()

@@ -32,6 +32,8 @@ def _cell(run, reference) -> str:
             reason = "refused: window attention has no class-token row"
         elif "class token joins only in the class-attention blocks" in str(err):
             reason = "refused: no class token in these blocks (it joins in class attention at the end)"
+        elif "pool the grid to a smaller one" in str(err):
+            reason = "refused: the grid changes between stages"
         elif "reads patch tokens only" in str(err):
             reason = "refused: the head never reads the class token"
         elif "has no class token" in str(err):

@@ -11,6 +11,7 @@ from families import (
     CLASS_ATTENTION,
     FAMILIES,
     PATCH_POOLED,
+    POOLED_STAGES,
     PREFIX,
     WINDOWED,
     build,
@@ -94,6 +95,8 @@ def _attention_refusal(name):
         return "attend within \\(shifted\\) windows.*Use LayerReciproCAM"
     if name in CLASS_ATTENTION:
         return "class token joins only in the class-attention blocks.*LayerReciproCAM"
+    if name in POOLED_STAGES:
+        return "pool the grid to a smaller one.*Use LayerReciproCAM"
     if name in PATCH_POOLED:
         return "(reads patch tokens only|has no class token).*[Uu]se LayerReciproCAM"
     return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_same_state, model_state
-from families import CLASSES, literal_reciprocam, randomize
+from families import CLASSES, literal_gradcam, literal_reciprocam, randomize
 
 from captum_vit import AttentionGuidedGradCAM, LayerReciproCAM, TransformerAttribution, UnsupportedModelError
 from captum_vit.baselines import vit_layer_gradcam
@@ -77,24 +77,6 @@ def test_torchvision_pads_odd_grids_as_its_model_does():
     assert_same_state(before, model_state(model))
 
 
-def literal_gradcam(model, layer, x, target, grid):
-    """Grad-CAM on a layer's ``(1, h, w, D)`` (or ``(1, h*w, D)``) output: ``relu(sum_d mean_hw(dy/dF_d) F_d)``."""
-    kept = {}
-
-    def keep(module, args, output):
-        kept["features"] = output
-        output.retain_grad()
-
-    handle = layer.register_forward_hook(keep)
-    try:
-        logits(model)(x)[0, target].backward()
-    finally:
-        handle.remove()
-    model.zero_grad(set_to_none=True)
-    features, grads = (t[0].reshape(*grid, t.shape[-1]) for t in (kept["features"], kept["features"].grad))
-    return (grads.mean(dim=(0, 1)) * features).sum(-1).clamp(min=0).detach()
-
-
 @pytest.mark.parametrize("library", list(MODELS))
 def test_layer_gradcam_reads_each_stage_grid(library):
     pytest.importorskip(library)
@@ -105,7 +87,7 @@ def test_layer_gradcam_reads_each_stage_grid(library):
     for layer, grid in ((None, (4, 8)), (norm1(blocks[0]), (8, 16))):
         got = vit_layer_gradcam(logits(model), layer=layer, vit=model).attribute(x, target=6, relu_attributions=True)
         assert got.shape == (1, 1, *grid)
-        ref = literal_gradcam(model, norm1(blocks[-1]) if layer is None else layer, x, 6, grid)
+        ref = literal_gradcam(logits(model), norm1(blocks[-1]) if layer is None else layer, x, 6, grid)
         torch.testing.assert_close(got[0, 0], ref, **TOL)
     assert_same_state(before, model_state(model))
 

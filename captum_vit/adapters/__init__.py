@@ -39,6 +39,7 @@ from .open_clip_vit import OpenClipViTAdapter
 from .timm_beit import TimmBeitAdapter
 from .timm_cait import TimmCaitAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_pit import TimmPitAdapter
 from .timm_relpos import TimmRelPosViTAdapter
 from .timm_swin import TimmSwinAdapter
 from .timm_vit import TimmNaFlexViTAdapter, TimmViTAdapter
@@ -62,6 +63,7 @@ ADAPTERS: Tuple[Type[ViTAdapter], ...] = (
     TimmSwinAdapter,
     TimmCaitAdapter,
     TimmXcitAdapter,
+    TimmPitAdapter,
     TorchvisionViTAdapter,
     TorchvisionSwinAdapter,
     HFViTAdapter,

@@ -9,9 +9,9 @@ blocks and stage layout.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._base import BlockView, Call, split_call
 
@@ -52,6 +52,20 @@ class GridBlockView(BlockView):
         raise NotImplementedError
 
 
+class StagedGrids:
+    """Mixin of an adapter whose stages have grids of their own: `stage_grids` gives each block's."""
+
+    def stage_grids(self, image_hw: Sequence[int]) -> List[Tuple[int, int]]:
+        """The ``(h, w)`` grid of every block, in order, for an ``image_hw`` input."""
+        raise NotImplementedError
+
+    def grid_for(self, image_hw: Sequence[int]) -> Tuple[int, int]:
+        return self.stage_grids(image_hw)[-1]
+
+    def block_grid(self, index: int, image_hw: Sequence[int]) -> Tuple[int, int]:
+        return self.stage_grids(image_hw)[index]
+
+
 def halved(grid: Tuple[int, int]) -> Tuple[int, int]:
     """The grid after a 2x2 patch merging (odd sizes padded, as timm and torchvision do)."""
     return (grid[0] + 1) // 2, (grid[1] + 1) // 2
@@ -60,3 +74,9 @@ def halved(grid: Tuple[int, int]) -> Tuple[int, int]:
 def grid_tokens(output: Tensor) -> Tensor:
     """``(B, h, w, D)`` -> ``(B, h*w, D)``; tokens already flat (a ``(B, T, D)`` output) as they are."""
     return output.flatten(1, 2) if output.dim() == 4 else output
+
+
+def conv_output(size: int, conv: nn.Conv2d, axis: int) -> int:
+    """A convolution's output length along ``axis`` (0: height, 1: width), as PyTorch computes it."""
+    pad, kernel, stride, dilation = conv.padding[axis], conv.kernel_size[axis], conv.stride[axis], conv.dilation[axis]
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1

@@ -1,7 +1,8 @@
 """What timm's ViT-like models share: ``blocks``, ``num_prefix_tokens``, ``cls_token``, ``patch_embed``,
 ``global_pool``/``attn_pool`` and ``grad_checkpointing``; the fused-``qkv`` attention and the pre-norm block with
-layer scales ``ls1``/``ls2`` that ``timm.layers.Attention``/``Block`` and ``RelPosAttention``/``RelPosBlock`` share.
-The families' own files (``timm_vit``, ``timm_eva``, ``timm_beit``, ``timm_relpos``) add their blocks and attention."""
+layer scales ``ls1``/``ls2`` that ``timm.layers.Attention``/``Block`` and ``RelPosAttention``/``RelPosBlock`` share;
+the view of timm's ``Block`` itself, which several families build on (ViT, DeiT, NaFlexViT, PiT). The families' own
+files (``timm_vit``, ``timm_eva``, ``timm_beit``, ``timm_relpos``, ``timm_pit``, ...) add their blocks and attention."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, AttentionMath, BlockView, Call, ViTAdapter
+from ._base import (
+    HEAD_CLASS_AND_PATCHES,
+    HEAD_PATCHES_ONLY,
+    HEAD_PREFIX_ONLY,
+    AttentionMath,
+    BlockView,
+    Call,
+    UnsupportedModelError,
+    ViTAdapter,
+)
 
 
 class FusedQkvAttentionMath(AttentionMath):
@@ -58,6 +68,46 @@ class LayerScaleBlockView(BlockView):
     def mlp_branch(self, y: Tensor) -> Tensor:
         b = self.block
         return b.drop_path2(b.ls2(b.mlp(b.norm2(y))))
+
+
+class TimmAttentionMath(FusedQkvAttentionMath):
+    """``timm.layers.Attention``: ``qkv`` -> q/k norm -> ``proj(norm(A v) * gate)``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.finish_reads_input = module.gate is not None
+
+    def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
+        m = self.module
+        out = m.norm(merged)
+        if m.gate is not None:
+            out = out * m.gate(x).sigmoid()
+        return m.proj_drop(m.proj(out))
+
+
+class TimmBlockView(LayerScaleBlockView):
+    """timm ``Block`` (layer scales ``ls1``/``ls2``)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        from timm.layers import Attention
+
+        # a subclass of Attention may compute something else: only the class itself has an explicit form
+        super().__init__(block, TimmAttentionMath(block.attn) if type(block.attn) is Attention else None)
+
+    def attention(self, z: Tensor, call: Call) -> Tensor:
+        return self.block.attn(z)
+
+
+def timm_block_view(block: nn.Module, family: str) -> TimmBlockView:
+    """A view of timm's ``Block``, or a refusal naming what is supported."""
+    from timm.models.vision_transformer import Block
+
+    if type(block) is not Block:
+        raise UnsupportedModelError(
+            f"{family} block {type(block).__name__} is not one captum_vit knows (supported: timm Block with "
+            "pre-norm wiring). Use a model built from those blocks."
+        )
+    return TimmBlockView(block)
 
 
 def timm_head_reads(model: nn.Module) -> str:

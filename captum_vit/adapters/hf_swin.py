@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from ._base import HEAD_PATCHES_ONLY, BlockView, Call, UnsupportedModelError, ViTAdapter, lazy_isinstance, split_call
-from ._grid import WINDOW_REFUSAL, halved
+from ._grid import WINDOW_REFUSAL, StagedGrids, halved
 
 
 class SwinLayerView(BlockView):
@@ -68,7 +68,7 @@ class SwinLayerView(BlockView):
         return b.dropout(b.mlp(b.layernorm_after(y)))
 
 
-class HFSwinAdapter(ViTAdapter):
+class HFSwinAdapter(StagedGrids, ViTAdapter):
     """transformers ``SwinModel``: the layers of every stage, in order."""
 
     family = "transformers SwinModel"
@@ -105,12 +105,6 @@ class HFSwinAdapter(ViTAdapter):
             grids += [grid] * len(stage.blocks)
             grid = grid if stage.downsample is None else halved(grid)
         return grids
-
-    def grid_for(self, image_hw: Sequence[int]) -> Tuple[int, int]:
-        return self.stage_grids(image_hw)[-1]
-
-    def block_grid(self, index: int, image_hw: Sequence[int]) -> Tuple[int, int]:
-        return self.stage_grids(image_hw)[index]
 
     def attention_refusal(self) -> Optional[str]:
         return WINDOW_REFUSAL

@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from ._base import HEAD_PATCHES_ONLY, BlockView, UnsupportedModelError
-from ._grid import WINDOW_REFUSAL, GridBlockView, grid_tokens, halved
+from ._grid import WINDOW_REFUSAL, GridBlockView, StagedGrids, grid_tokens, halved
 from ._timm import TimmAdapter
 
 
@@ -46,7 +46,7 @@ class SwinBlockView(GridBlockView):
         return b.drop_path2(b.mlp(b.norm2(y)))
 
 
-class TimmSwinAdapter(TimmAdapter):
+class TimmSwinAdapter(StagedGrids, TimmAdapter):
     """timm ``SwinTransformer``: the blocks of every stage, in order; each stage's grid from the image size."""
 
     family = "timm SwinTransformer"
@@ -73,18 +73,12 @@ class TimmSwinAdapter(TimmAdapter):
         return False
 
     def stage_grids(self, image_hw: Sequence[int]) -> List[Tuple[int, int]]:
-        grid = super().grid_for(image_hw)  # the patch embedding's grid
+        grid = TimmAdapter.grid_for(self, image_hw)  # the patch embedding's grid (StagedGrids' is the last stage's)
         grids = []
         for stage in self.model.layers:
             grid = grid if isinstance(stage.downsample, nn.Identity) else halved(grid)
             grids += [grid] * len(stage.blocks)
         return grids
-
-    def grid_for(self, image_hw: Sequence[int]) -> Tuple[int, int]:
-        return self.stage_grids(image_hw)[-1]
-
-    def block_grid(self, index: int, image_hw: Sequence[int]) -> Tuple[int, int]:
-        return self.stage_grids(image_hw)[index]
 
     def layer_tokens(self, output: Tensor) -> Tensor:
         return grid_tokens(output)

@@ -12,48 +12,8 @@ from typing import Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import HEAD_CLASS_AND_PATCHES, BlockView, Call, LRPBlock, LRPHead, UnsupportedModelError
-from ._timm import FusedQkvAttentionMath, LayerScaleBlockView, TimmAdapter, timm_head_reads
-
-
-class TimmAttentionMath(FusedQkvAttentionMath):
-    """``timm.layers.Attention``: ``qkv`` -> q/k norm -> ``proj(norm(A v) * gate)``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__(module)
-        self.finish_reads_input = module.gate is not None
-
-    def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
-        m = self.module
-        out = m.norm(merged)
-        if m.gate is not None:
-            out = out * m.gate(x).sigmoid()
-        return m.proj_drop(m.proj(out))
-
-
-class TimmBlockView(LayerScaleBlockView):
-    """timm ``Block`` (layer scales ``ls1``/``ls2``)."""
-
-    def __init__(self, block: nn.Module) -> None:
-        from timm.layers import Attention
-
-        # a subclass of Attention may compute something else: only the class itself has an explicit form
-        super().__init__(block, TimmAttentionMath(block.attn) if type(block.attn) is Attention else None)
-
-    def attention(self, z: Tensor, call: Call) -> Tensor:
-        return self.block.attn(z)
-
-
-def timm_block_view(block: nn.Module, family: str) -> TimmBlockView:
-    """A view of timm's ``Block``, or a refusal naming what is supported."""
-    from timm.models.vision_transformer import Block
-
-    if type(block) is not Block:
-        raise UnsupportedModelError(
-            f"{family} block {type(block).__name__} is not one captum_vit knows (supported: timm Block with "
-            "pre-norm wiring). Use a model built from those blocks."
-        )
-    return TimmBlockView(block)
+from ._base import HEAD_CLASS_AND_PATCHES, BlockView, LRPBlock, LRPHead
+from ._timm import TimmAdapter, TimmAttentionMath, timm_block_view, timm_head_reads
 
 
 class TimmViTAdapter(TimmAdapter):

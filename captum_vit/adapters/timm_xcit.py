@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from ._base import HEAD_PATCHES_ONLY, BlockView, Call, UnsupportedModelError
+from ._grid import conv_output
 from ._timm import TimmAdapter
 
 CROSS_COVARIANCE_REFUSAL = (
@@ -49,12 +50,6 @@ class XcaBlockView(BlockView):
         y = residual + b.drop_path1(b.gamma1 * self.attention(z, call))
         y = y + b.drop_path3(b.gamma3 * b.local_mp(b.norm3(y), H, W))
         return y + b.drop_path2(b.gamma2 * b.mlp(b.norm2(y)))
-
-
-def conv_output(size: int, conv: nn.Conv2d, axis: int) -> int:
-    """A convolution's output length along ``axis`` (0: height, 1: width), as PyTorch computes it."""
-    pad, kernel, stride, dilation = conv.padding[axis], conv.kernel_size[axis], conv.stride[axis], conv.dilation[axis]
-    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
 class TimmXcitAdapter(TimmAdapter):

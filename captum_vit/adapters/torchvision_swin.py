@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from ._base import HEAD_PATCHES_ONLY, BlockView, UnsupportedModelError, ViTAdapter, lazy_isinstance
-from ._grid import WINDOW_REFUSAL, GridBlockView, grid_tokens, halved
+from ._grid import WINDOW_REFUSAL, GridBlockView, StagedGrids, grid_tokens, halved
 
 
 class ShiftedWindowBlockView(GridBlockView):
@@ -38,7 +38,7 @@ class ShiftedWindowBlockView(GridBlockView):
         return b.stochastic_depth(b.mlp(b.norm2(y)))
 
 
-class TorchvisionSwinAdapter(ViTAdapter):
+class TorchvisionSwinAdapter(StagedGrids, ViTAdapter):
     """torchvision ``SwinTransformer``: the blocks of every stage in ``features``, in order."""
 
     family = "torchvision SwinTransformer"
@@ -90,12 +90,6 @@ class TorchvisionSwinAdapter(ViTAdapter):
             grid = halved(grid) if merged else grid
             grids += [grid] * len(blocks)
         return grids
-
-    def grid_for(self, image_hw: Sequence[int]) -> Tuple[int, int]:
-        return self.stage_grids(image_hw)[-1]
-
-    def block_grid(self, index: int, image_hw: Sequence[int]) -> Tuple[int, int]:
-        return self.stage_grids(image_hw)[index]
 
     def layer_tokens(self, output: Tensor) -> Tensor:
         return grid_tokens(output)

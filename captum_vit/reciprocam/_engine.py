@@ -97,6 +97,8 @@ class _Pass:
     copies: CopySelection
     recorder: Any = None
     images_seen: int = 0
+    #: how many times the explained block's input repeats each image (`ViTAdapter.copies_enter_at`)
+    repeats: int = 1
 
     def layout(self, adapter: ViTAdapter, num_tokens: int, block_index: int) -> Tuple[int, Tuple[int, int]]:
         return adapter.tokens_layout(num_tokens, self.recorder.image_hw, block_index)
@@ -121,10 +123,16 @@ class CopyStrategy:
 
     def install(self, hooks: HookSet, forward: _Pass) -> None:
         hooks.forward_hook(self.view.block, lambda *a: self._explained_block(forward, *a), with_kwargs=True)
+        entry = self.adapter.copies_enter_at(self.block_index)
+        if entry is not None:  # the copies must enter before the block: its stage reshapes with its input's batch
+            forward.repeats = forward.copies.count
+            hooks.forward_pre_hook(entry, lambda module, args: self.adapter.repeat_for_copies(args, forward.repeats))
 
     def _explained_block(self, forward: _Pass, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         x, call = self.view.read_call(args, kwargs)
         out = self.view.unwrap_output(output)
+        if forward.repeats > 1:  # every image came repeated once per copy: one of each is masked into the copies
+            x, out = x[:: forward.repeats], out[:: forward.repeats]
         if self.view.math is not None:
             self.view.math.check_call(self.view.attention_call(call))
         forward.images_seen = n = x.shape[0]
