@@ -412,15 +412,17 @@ def timm_window_attention(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 def hf_window_attention(block: nn.Module, z: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """transformers SwinLayer's attention branch on ``(N, h*w, D)`` tokens: roll, windows, masked attention, back."""
+    """transformers SwinLayer's attention branch on ``(N, h*w, D)`` tokens: zero-pad the grid to whole windows,
+    roll, windows, masked attention, back, crop."""
     (h, w), (N, _, D) = grid, z.shape
     s, shift = block.window_size, block.shift_size
-    assert h % s == 0 and w % s == 0  # no padding in the grids built here
-    rolled = torch.roll(z.view(N, h, w, D), shifts=(-shift, -shift), dims=(1, 2))
-    windows = rolled.view(N, h // s, s, w // s, s, D).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, D)
-    out = block.attention(windows, block.get_attn_mask(h, w, dtype=z.dtype, device=z.device))[0]
-    out = out.view(N, h // s, w // s, s, s, D).permute(0, 1, 3, 2, 4, 5).reshape(N, h, w, D)
-    return torch.roll(out, shifts=(shift, shift), dims=(1, 2)).reshape(N, h * w, D)
+    H, W = h + (-h) % s, w + (-w) % s
+    padded = torch.nn.functional.pad(z.view(N, h, w, D), (0, 0, 0, W - w, 0, H - h))
+    rolled = torch.roll(padded, shifts=(-shift, -shift), dims=(1, 2))
+    windows = rolled.view(N, H // s, s, W // s, s, D).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, D)
+    out = block.attention(windows, block.get_attn_mask(H, W, dtype=z.dtype, device=z.device))[0]
+    out = out.view(N, H // s, W // s, s, s, D).permute(0, 1, 3, 2, 4, 5).reshape(N, H, W, D)
+    return torch.roll(out, shifts=(shift, shift), dims=(1, 2))[:, :h, :w].reshape(N, h * w, D)
 
 
 def literal_block(block: nn.Module, z: torch.Tensor, r: torch.Tensor, kwargs: Dict[str, Any]) -> Any:

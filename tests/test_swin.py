@@ -1,4 +1,4 @@
-"""Swin (timm and torchvision): a grid per stage, non-square and padded grids, Captum's LayerGradCam on the same
+"""Swin (timm, torchvision, transformers): a grid per stage, non-square and padded grids, Captum's LayerGradCam on the same
 grid, the registry, and what is refused by name. ``test_families.py`` covers every residual and block."""
 
 from __future__ import annotations
@@ -65,13 +65,16 @@ def test_non_square_grids_keep_row_major_order(library):
         torch.testing.assert_close(got[0, 0], literal_reciprocam(model, blocks[index], x[0], 0, grid=grid)[2], **TOL)
 
 
-def test_torchvision_pads_odd_grids_as_its_model_does():
+@pytest.mark.parametrize("library", ["torchvision", "transformers"])
+def test_odd_grids_are_padded_as_the_model_does(library):
     """72x104 images: a 9x13 grid in 4x4 windows (padded), merged (padded) to 5x7."""
-    model, blocks = torchvision_swin()
+    pytest.importorskip(library)
+    model, blocks = MODELS[library]()
     before = model_state(model)
     x = image(72, 104)
     for index, grid in ((1, (9, 13)), (2, (5, 7))):
-        got = LayerReciproCAM(model, blocks[index]).attribute(x, target=4, normalize=False, scores="logits")
+        cam = LayerReciproCAM(logits(model), blocks[index], vit=model)
+        got = cam.attribute(x, target=4, normalize=False, scores="logits")
         ref = literal_reciprocam(model, blocks[index], x[0], 0, scores="logits", grid=grid)[4]
         torch.testing.assert_close(got[0, 0], ref, **TOL)
     assert_same_state(before, model_state(model))
