@@ -1,5 +1,5 @@
-"""Swin (timm, torchvision, transformers): a grid per stage, non-square and padded grids, Captum's LayerGradCam on the same
-grid, the registry, and what is refused by name. ``test_families.py`` covers every residual and block."""
+"""Swin (timm, torchvision, transformers): a grid per stage, non-square and padded grids, Captum's LayerGradCam
+on the same grid, the registry, and what is refused by name. ``test_families.py`` covers every residual and block."""
 
 from __future__ import annotations
 
