@@ -4,7 +4,7 @@ The references are written here from each family's own sub-modules, one image
 and one masked copy at a time (ReciproCAM) or one explicit attention matrix at
 a time (AGCAM, rollouts), independently of captum_vit's adapters. They are
 shared by ``test_families.py`` and ``benchmarks/support_table.py`` (which
-writes the README's table of supported models).
+writes the table of supported models in docs/models.md).
 """
 
 from __future__ import annotations

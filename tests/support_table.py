@@ -1,10 +1,10 @@
-"""The README's "Supported models" table, by running every method on every family.
+"""The table of docs/models.md (supported models), by running every method on every family.
 
 Each cell is measured, not declared: the method runs on a small randomly
 initialised model of the family (``families.py``) and its raw maps are
 compared with the literal reference written there from the family's own
 sub-modules; a refusal shows the first clause of its message.
-``test_families.py`` checks the README against it, and writes it when
+``test_families.py`` checks docs/models.md against it, and writes it when
 ``CAPTUM_VIT_WRITE_SUPPORT_TABLE=1`` (``python benchmarks/support_table.py``).
 """
 
@@ -95,10 +95,10 @@ def support_table() -> str:
     return "\n".join([header, *rows])
 
 
-def readme_table(readme: str) -> str:
-    return readme.split(BEGIN)[1].split(END)[0].strip()
+def page_table(page: str) -> str:
+    return page.split(BEGIN)[1].split(END)[0].strip()
 
 
-def with_table(readme: str, table: str) -> str:
-    """``readme`` with ``table`` between its markers."""
-    return readme.split(BEGIN)[0] + BEGIN + "\n" + table + "\n" + END + readme.split(END)[1]
+def with_table(page: str, table: str) -> str:
+    """``page`` with ``table`` between its markers."""
+    return page.split(BEGIN)[0] + BEGIN + "\n" + table + "\n" + END + page.split(END)[1]

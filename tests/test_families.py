@@ -130,21 +130,21 @@ def test_attention_methods_equal_literal_references(family, which):
     assert_same_state(before, model_state(model))
 
 
-def test_readme_support_table_is_current():
-    """The README's table is measured here; CAPTUM_VIT_WRITE_SUPPORT_TABLE=1 writes it
+def test_supported_models_table_is_current():
+    """docs/models.md's table is measured here; CAPTUM_VIT_WRITE_SUPPORT_TABLE=1 writes it
     (python benchmarks/support_table.py)."""
     import os
     from pathlib import Path
 
-    from support_table import readme_table, support_table, with_table
+    from support_table import page_table, support_table, with_table
 
     pytest.importorskip("transformers")
     pytest.importorskip("open_clip")
-    readme = Path(__file__).resolve().parents[1] / "README.md"
+    page = Path(__file__).resolve().parents[1] / "docs" / "models.md"
     table = support_table()
     assert "differs" not in table
     if os.environ.get("CAPTUM_VIT_WRITE_SUPPORT_TABLE") == "1":
-        readme.write_text(with_table(readme.read_text(), table))
-    assert readme_table(readme.read_text()) == table, (
-        "README.md's supported-models table is out of date: python benchmarks/support_table.py"
+        page.write_text(with_table(page.read_text(), table))
+    assert page_table(page.read_text()) == table, (
+        "docs/models.md's supported-models table is out of date: python benchmarks/support_table.py"
     )
