@@ -4,6 +4,7 @@
     captum-vit explain photos/ --model deit_small_patch16_224 --method agcam --top-k 3
     captum-vit explain "shots/*.jpg" img.png --model default --method reciprocam --target cat
     captum-vit evaluate --model default --data cifar10_jpeg.npz --method reciprocam --limit 200
+    captum-vit evaluate cifar10_jpeg.npz --metric grid_pointing --method grad-rollout --grids 100
     torchrun --nproc-per-node 2 -m captum_vit.cli evaluate --data cifar10_jpeg.npz --checkpoint-dir runs/rc
 
 Bad input (a missing or unreadable file, not an image, an unknown model,
@@ -317,6 +318,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = _evaluation_data(data, args, loaded)
     methods, metrics = args.method or ["reciprocam"], args.metric or ["adcc"]
     options = method_options(args, methods)
+    if "grid_pointing" in metrics:
+        return _grid_pointing(args, loaded, dataset, methods, metrics, options, out, distributed)
     start = time.perf_counter()
     try:
         result = evaluate(loaded.forward, methods, dataset, metrics, use_labels=args.use_labels, batch_size=args.batch,
@@ -336,6 +339,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{len(result.indices)} images, {len(methods)} method(s): {', '.join(TITLES[m] for m in methods)}")
     print(written.explained)
     print(f"written: {', '.join(str(p) for p in written.files)}")
+    return 0
+
+
+def _grid_pointing(args: argparse.Namespace, loaded, dataset, methods: List[str], metrics: List[str],
+                   options: Dict[str, Dict[str, Any]], out: Path, distributed) -> int:
+    """The grid pointing game on grids built from the labelled pictures of ``dataset``."""
+    import json
+
+    from .metrics import build_pointing_grids, evaluate_grid_pointing
+
+    if len(metrics) > 1:
+        raise UsageError("grid_pointing scores grids built from the data, not the images themselves: "
+                         "run --metric grid_pointing on its own.")
+    if distributed is not None:
+        raise UsageError("grid_pointing runs in one process; run it without torchrun.")
+    items = [dataset[i] for i in range(len(dataset))]
+    labelled = [(item[0], item[1]) for item in items if item[1] is not None and item[1] >= 0]
+    if not labelled:
+        raise UsageError("grid_pointing needs labelled pictures: a folder of class subfolders or a CIFAR-10 .npz.")
+    images = torch.stack([image for image, _ in labelled])
+    labels = torch.tensor([label for _, label in labelled])
+    try:
+        grids = build_pointing_grids(loaded.forward, images, labels, args.grids, grid=args.grid,
+                                     confidence=args.confidence)
+    except ValueError as err:
+        raise UsageError(f"cannot build pointing grids from {len(labelled)} pictures: {err}") from None
+    result = evaluate_grid_pointing(loaded.forward, methods, grids, progress=True, method_options=options)
+    print(f"grid pointing game ({args.grid}x{args.grid}, chance {result.chance:.2f}) on {args.model}: "
+          f"{result.recognised} of {result.grids} grids recognised")
+    report = {"model": args.model, "grid": args.grid, "grids": result.grids, "recognised": result.recognised,
+              "scored": result.scored, "reason": result.reason, "unsupported": result.unsupported,
+              "summary": result.summary() if result.scored else {}}
+    if not result.scored:
+        print(f"not scored: {result.reason}")
+    for method, fields_ in report["summary"].items():
+        print(f"  {TITLES[method]}: " + ", ".join(f"{k.replace('grid_', '')} {v['mean']:.3f} [{v['lo']:.3f}, "
+                                                  f"{v['hi']:.3f}]" for k, v in fields_.items()))
+    for method, why in result.unsupported.items():
+        print(f"  {TITLES[method]} did not run: {why}")
+    path = out / "grid_pointing.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"written: {path}")
     return 0
 
 
@@ -405,6 +450,11 @@ def _evaluate_parser(sub: Any) -> None:
                           help="ground-truth boxes, JSON {image: [[x0,y0,x1,y1],...]} or CSV image,x0,y0,x1,y1 rows")
     evaluate.add_argument("--out", default="captum_vit_evaluation",
                           help="folder for summary.json, per_image.jsonl, table.md and plot.png")
+    evaluate.add_argument("--grids", type=_positive_int, default=100,
+                          help="grid_pointing: grids to build (default 100)")
+    evaluate.add_argument("--grid", type=int, default=2, choices=[2, 3], help="grid_pointing: cells per side (2 or 3)")
+    evaluate.add_argument("--confidence", type=float, default=0.9,
+                          help="grid_pointing: a picture enters a grid when classified right with this probability")
     evaluate.add_argument("--checkpoint-dir", default=None, help="write finished batches here; resume from them")
     evaluate.add_argument("--restart", action="store_true", help="delete --checkpoint-dir's results and start over")
     evaluate.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)

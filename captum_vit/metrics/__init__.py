@@ -10,6 +10,12 @@
 - `pointing_game` on 2x2 mosaics (`make_mosaic`) and
   `box_localization` (pixel accuracy, IoU, Dice);
 - `deletion_insertion` curves;
+- the grid pointing game (Boehle et al. 2022): `build_pointing_grids`
+  (confidently classified pictures of distinct classes, 2x2 or 3x3),
+  `evaluate_grid_pointing` (scores only grids the model recognises), and the
+  registry metric ``grid_pointing``;
+- leave-one-model-out selection of a method or setting
+  (`leave_one_model_out`);
 - where the evidence is known (`captum_vit.evidence` canvases):
   `evidence_mass`, `top_pixel_inside`, the model-randomisation
   control (`cascading_randomization`, `rank_correlation`),
@@ -33,6 +39,16 @@ from ._known_evidence import (
     KnownEvidenceResult,
     evaluate_known_evidence,
 )
+from ._grid import (
+    GridPointingResult,
+    PointingGrids,
+    build_pointing_grids,
+    confident_indices,
+    evaluate_grid_pointing,
+    grid_scores,
+    make_pointing_grids,
+)
+from ._holdout import HeldOutChoice, leave_one_model_out, rank_candidates
 from ._localization import box_localization, boxes_from_map, make_mosaic, mosaic_cell_boxes, pointing_game
 from ._maps import (
     as_explain_func,
@@ -54,6 +70,16 @@ __all__ = [
     "METRICS",
     "MetricSpec",
     "evaluate",
+    "GridPointingResult",
+    "HeldOutChoice",
+    "leave_one_model_out",
+    "rank_candidates",
+    "PointingGrids",
+    "build_pointing_grids",
+    "confident_indices",
+    "evaluate_grid_pointing",
+    "grid_scores",
+    "make_pointing_grids",
     "adcc",
     "adcc_score",
     "bootstrap_interval",

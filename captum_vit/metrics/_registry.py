@@ -5,8 +5,9 @@ this one registry. A metric reads an `ExplainedBatch` (the images, the
 explained classes, their maps, and what the data provides) and returns
 per-image values, one ``(N,)`` tensor per field. ``needs`` says what the data
 must provide: ``"boxes"`` (ground-truth boxes), ``"evidence"`` (known-evidence
-canvases: marks, pairs, distractors) or ``"randomized"`` (the cascade of
-randomised models the runner builds when asked).
+canvases: marks, pairs, distractors), ``"grid"`` (pointing-game grids,
+`captum_vit.metrics.PointingGrids.batches`) or ``"randomized"`` (the cascade
+of randomised models the runner builds when asked).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor
 from ._adcc import ADCCResult, adcc
 from ._deletion import deletion_insertion
 from ._evidence import evidence_mass, rank_correlation, top_pixel_inside
+from ._grid import grid_scores
 from ._localization import box_localization, box_mask
 
 
@@ -130,6 +132,10 @@ def _distractor(batch: ExplainedBatch) -> Dict[str, Tensor]:
             "distractor_mass": evidence_mass(maps, extra["distractor_mask"])}
 
 
+def _grid_pointing(batch: ExplainedBatch) -> Dict[str, Tensor]:
+    return grid_scores(batch.explain, batch.images, batch.extra["grid_target"], batch.extra["grid_cells"])
+
+
 def _randomization(batch: ExplainedBatch) -> Dict[str, Tensor]:
     return {f"spearman/{stage}": rank_correlation(batch.maps, explain(batch.images, batch.target).detach().cpu())
             for stage, explain in batch.randomized}
@@ -150,6 +156,8 @@ _SPECS = (
                fields=("pair_pointing",), needs=frozenset({"evidence"})),
     MetricSpec("distractor", "pointing past, and mass on, a distractor (known evidence)", True, _distractor,
                fields=("distractor_pointing", "distractor_mass"), needs=frozenset({"evidence"})),
+    MetricSpec("grid_pointing", "grid pointing game: each cell's class's map peaks in (and puts its mass on) that "
+               "cell", True, _grid_pointing, fields=("grid_pointing", "grid_mass"), needs=frozenset({"grid"})),
     MetricSpec("constant", "the map is constant: it carries no ordering at all", False, _constant),
     MetricSpec("randomization", "Spearman of the map with the map of the model randomised from the head down", False,
                _randomization, needs=frozenset({"randomized"})),
@@ -176,6 +184,8 @@ FIELDS: Dict[str, Tuple[str, bool]] = {
     "distractor_pointing": ("the maximum is on the decisive mark, not on the distractor", True),
     "distractor_mass": ("share of positive map mass inside the distractor", False),
     "constant": (METRICS["constant"].description, False),
+    "grid_pointing": ("grid pointing game: share of cells whose class's map peaks inside the cell", True),
+    "grid_mass": ("grid pointing game: share of each cell's class's positive map mass inside the cell", True),
 }
 
 

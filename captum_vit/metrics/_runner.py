@@ -449,6 +449,10 @@ def _check_needs(specs: Sequence[MetricSpec], batch: EvaluationBatch) -> None:
                              "EvaluationBatch(boxes=...) or a boxes file (CLI: --boxes).")
         if "evidence" in spec.needs and "pair_images" not in batch.extra:
             raise ValueError(f"the {spec.name} metric reads known-evidence canvases; use evaluate_known_evidence.")
+        if "grid" in spec.needs and "grid_target" not in batch.extra:
+            raise ValueError(f"the {spec.name} metric reads pointing-game grids: build them with "
+                             "captum_vit.metrics.build_pointing_grids and use evaluate_grid_pointing "
+                             "(CLI: captum-vit evaluate DATA --metric grid_pointing, on labelled data).")
 
 
 def _compute(run: _Run, name: str, b: int, batch: EvaluationBatch, target: Tensor) -> Dict[str, Tensor]:
