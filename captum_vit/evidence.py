@@ -8,7 +8,13 @@ border; its colour alone decides the label (one of `MARK_COLOURS`). A
 but it never counts. With patch size 8 the canvas is an 8x8 token grid and a
 mark covers 2x2 or 2x3 or 3x3 patches wherever it lands.
 
-Variants (``variant=``):
+Two tasks. *Marks* (`make_canvases`, six classes, the canvases above) and
+*objects* (`make_object_canvases`, ten classes): a 32x32 CIFAR-10 picture
+pasted at a random place on a 64x64 canvas whose background is a texture or
+another CIFAR-10 picture (upsampled 2x); the label is the pasted picture's
+class and the ground truth its box.
+
+Variants of the marks task (``variant=``):
 
 - ``"single"``: one decisive mark; the label is its colour.
 - ``"pair"``: two decisive marks of two colours; both labels are on
@@ -20,8 +26,8 @@ The generator is deterministic in ``seed``; boxes are exact pixel boxes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -155,15 +161,167 @@ def evidence_backgrounds(npz: Optional[str] = None, split: str = "train", limit:
     return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()
 
 
-#: the known-evidence models trained by ``benchmarks/train_evidence.py``: name -> VisionTransformer
-#: arguments beyond the shared ones (64x64 canvases, patch 8, width 96, 3 heads, MLP ratio 2, 6 classes).
-#: ``distilled=True`` builds timm's DeiT ``VisionTransformerDistilled`` (class + distillation token,
-#: two heads averaged at inference); the others are timm's ``VisionTransformer``.
-EVIDENCE_MODELS = {
-    "cls4": dict(depth=4),
-    "cls8": dict(depth=8),
-    "dist4": dict(depth=4, distilled=True),
-    "reg4": dict(depth=4, reg_tokens=4),
+
+
+# -- the natural-object task -----------------------------------------------------------------
+#: side of the pasted CIFAR-10 picture (native resolution) on the 64x64 canvas
+OBJECT = 32
+OBJECT_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def texture(generator: torch.Generator, size: int = CANVAS) -> Tensor:
+    """A ``(3, size, size)`` texture in ``[0, 1]``: smooth colour noise plus an oriented grating.
+
+    Random low-frequency noise (a 4x4 to 8x8 colour grid upsampled bicubically)
+    and a sinusoidal grating of random angle, period (4 to 16 px) and colour
+    amplitude: object-free, so only the pasted picture can carry the label.
+    """
+    cells = int(torch.randint(4, 9, (1,), generator=generator))
+    noise = torch.rand(1, 3, cells, cells, generator=generator)
+    base = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[0]
+    angle, period, phase = (torch.rand(3, generator=generator) * torch.tensor([3.1416, 12.0, 6.2832])).tolist()
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    wave = torch.sin((xs * torch.cos(torch.tensor(angle)) + ys * torch.sin(torch.tensor(angle))) * 6.2832
+                     / (4.0 + period) + phase)
+    amplitude = (torch.rand(3, 1, 1, generator=generator) - 0.5) * 0.5
+    return (base + amplitude * wave).clamp(0, 1)
+
+
+def make_object_canvases(pictures: Tensor, labels: Tensor, backgrounds: Tensor, n: int, seed: int = 0,
+                         texture_share: float = 0.5) -> EvidenceBatch:
+    """``n`` object canvases: one of ``pictures`` pasted at a random place; the label is its class.
+
+    Args:
+        pictures: ``(M, 3, 32, 32)`` CIFAR-10 pictures in ``[0, 1]`` (or uint8
+            0..255) to paste.
+        labels: ``(M,)`` their classes (`OBJECT_CLASSES` order).
+        backgrounds: ``(P, 3, h, w)`` pictures in ``[0, 1]`` (or uint8) used as
+            backgrounds, upsampled to 64x64, on ``1 - texture_share`` of the
+            canvases; the rest get a `texture`.
+        n: number of canvases.
+        seed: the generator's seed (pictures, places, backgrounds, textures).
+        texture_share: share of canvases with a texture background.
+
+    Returns:
+        `EvidenceBatch` with ``labels`` ``(n, 10)`` one-hot and ``boxes[i] =
+        [(class, (x0, y0, x0 + 32, y0 + 32))]``; no distractors.
+    """
+    if pictures.dim() != 4 or tuple(pictures.shape[1:]) != (3, OBJECT, OBJECT):
+        raise ValueError(f"pictures must be (M, 3, {OBJECT}, {OBJECT}); got {tuple(pictures.shape)}.")
+    if labels.shape != pictures.shape[:1]:
+        raise ValueError(f"labels must be ({pictures.shape[0]},), one per picture; got {tuple(labels.shape)}.")
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, pictures.shape[0], (n,), generator=g)
+    behind = torch.randint(0, backgrounds.shape[0], (n,), generator=g)
+    uses_texture = torch.rand(n, generator=g) < texture_share
+    corners = torch.randint(0, CANVAS - OBJECT + 1, (n, 2), generator=g)
+    canvases = F.interpolate(_unit(backgrounds[behind]), size=(CANVAS, CANVAS), mode="bilinear",
+                             align_corners=False).clamp(0, 1)
+    pasted = _unit(pictures[picks])
+    boxes: List[List[Tuple[int, Box]]] = []
+    for i in range(n):
+        if uses_texture[i]:
+            canvases[i] = texture(g)
+        x0, y0 = (int(v) for v in corners[i])
+        canvases[i, :, y0:y0 + OBJECT, x0:x0 + OBJECT] = pasted[i]
+        boxes.append([(int(labels[picks[i]]), (x0, y0, x0 + OBJECT, y0 + OBJECT))])
+    onehot = F.one_hot(labels[picks].long(), len(OBJECT_CLASSES)).float()
+    return EvidenceBatch((canvases - MEAN) / STD, onehot, boxes, [[] for _ in range(n)])
+
+
+def _unit(pictures: Tensor) -> Tensor:
+    return pictures.float() / 255.0 if pictures.dtype == torch.uint8 else pictures.float()
+
+
+def cifar_pictures(npz: Optional[str] = None, split: str = "train", limit: Optional[int] = None
+                   ) -> Tuple[Tensor, Tensor]:
+    """``(M, 3, 32, 32)`` uint8 CIFAR-10 pictures and ``(M,)`` labels, every class alike when ``limit`` is set."""
+    import numpy as np
+
+    from .data import CIFAR10JPEG
+
+    dataset = CIFAR10JPEG(npz, split) if npz is not None else CIFAR10JPEG(split=split)
+    step = max(1, len(dataset) // limit) if limit else 1  # the archive is sorted by class: take every step-th
+    rows = list(range(0, len(dataset), step))[:limit]
+    pictures = np.stack([np.asarray(dataset.image(i), dtype=np.uint8) for i in rows])
+    return torch.from_numpy(pictures).permute(0, 3, 1, 2).contiguous(), dataset.labels[rows].clone()
+
+
+def held_out_data(npz: Optional[str], task: str) -> Dict[str, Tensor]:
+    """The pictures a model of ``task`` is held out on: CIFAR-10 *test* pictures (1000 as backgrounds;
+    every test picture to paste for ``"objects"``)."""
+    if task == "marks":
+        return {"backgrounds": evidence_backgrounds(npz, "test", 1000)}
+    pictures, labels = cifar_pictures(npz, "test")
+    return {"pictures": pictures, "labels": labels, "backgrounds": cifar_pictures(npz, "test", 1000)[0]}
+
+
+@torch.no_grad()
+def held_out_scores(model, task: str, data: Dict[str, Tensor], n: int = 512, seed: int = 10**6) -> Dict[str, float]:
+    """A model card's figures: held-out accuracy and *certainty*, the median top-class softmax probability.
+
+    Marks: accuracy per variant on ``n`` canvases each (right when the set of
+    positive logits is exactly the decisive colours), certainty on *single*;
+    objects: top-1 accuracy and certainty on ``2 n`` canvases. ``data``:
+    `held_out_data`.
+    """
+    if task == "marks":
+        result, certainty = {}, None
+        for variant in VARIANTS:
+            batch = make_canvases(data["backgrounds"], variant, n, seed)
+            logits = model(batch.images)
+            result[variant] = ((logits > 0) == batch.labels.bool()).all(1).float().mean().item()
+            if certainty is None:
+                certainty = logits.softmax(1).max(1).values.median().item()
+        return {**result, "certainty": certainty}
+    batch = make_object_canvases(data["pictures"], data["labels"], data["backgrounds"], 2 * n, seed)
+    logits = torch.cat([model(batch.images[i:i + 256]) for i in range(0, 2 * n, 256)])
+    return {"top1": (logits.argmax(1) == batch.labels.argmax(1)).float().mean().item(),
+            "certainty": logits.softmax(1).max(1).values.median().item()}
+
+
+# -- the zoo -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvidenceModelSpec:
+    """One known-evidence ViT: its task, its timm architecture and its training recipe.
+
+    ``task``: ``"marks"`` (six mark colours, multi-label) or ``"objects"``
+    (ten CIFAR-10 classes). ``prefix``: ``"class"``, ``"class+distillation"``
+    (timm's ``VisionTransformerDistilled``), ``"class+registers"`` or
+    ``"none"`` (global average pooling over the patch tokens). ``steps`` of
+    128 canvases; ``label_smoothing`` > 0 trains a less certain model.
+    """
+
+    task: str
+    depth: int
+    width: int = 96
+    heads: int = 3
+    prefix: str = "class"
+    steps: int = 1500
+    label_smoothing: float = 0.0
+
+    @property
+    def classes(self) -> Tuple[str, ...]:
+        return CLASSES if self.task == "marks" else OBJECT_CLASSES
+
+    def describe(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+#: the known-evidence zoo trained by ``benchmarks/train_evidence.py`` (model cards:
+#: ``captum_vit/assets/evidence/MODEL_CARD.md``). Shared: 64x64 canvases, patch 8 (8x8 grid), MLP ratio 2.
+EVIDENCE_MODELS: Dict[str, EvidenceModelSpec] = {
+    "cls4": EvidenceModelSpec("marks", depth=4),
+    "cls8": EvidenceModelSpec("marks", depth=8),
+    "dist4": EvidenceModelSpec("marks", depth=4, prefix="class+distillation"),
+    "reg4": EvidenceModelSpec("marks", depth=4, prefix="class+registers"),
+    "cls12-soft": EvidenceModelSpec("marks", depth=12, steps=600, label_smoothing=0.1),
+    "gap6-soft": EvidenceModelSpec("marks", depth=6, width=128, heads=4, prefix="none", steps=700,
+                                   label_smoothing=0.1),
+    "obj4-w192": EvidenceModelSpec("objects", depth=4, width=192, heads=3, steps=1200, label_smoothing=0.1),
+    "obj6-reg": EvidenceModelSpec("objects", depth=6, width=128, heads=4, prefix="class+registers", steps=1200,
+                                  label_smoothing=0.1),
 }
 
 
@@ -174,19 +332,27 @@ def build_evidence_model(name: str):
 
     if name not in EVIDENCE_MODELS:
         raise ValueError(f"unknown known-evidence model {name!r}; choose one of {', '.join(EVIDENCE_MODELS)}.")
-    arguments = dict(EVIDENCE_MODELS[name])
-    family = VisionTransformerDistilled if arguments.pop("distilled", False) else VisionTransformer
-    return family(img_size=CANVAS, patch_size=8, embed_dim=96, num_heads=3, mlp_ratio=2.0,
-                  num_classes=len(CLASSES), **arguments)
+    spec = EVIDENCE_MODELS[name]
+    family = VisionTransformerDistilled if spec.prefix == "class+distillation" else VisionTransformer
+    layout = {"class": {}, "class+distillation": {}, "class+registers": dict(reg_tokens=4),
+              "none": dict(class_token=False, global_pool="avg")}[spec.prefix]
+    return family(img_size=CANVAS, patch_size=8, embed_dim=spec.width, depth=spec.depth, num_heads=spec.heads,
+                  mlp_ratio=2.0, num_classes=len(spec.classes), **layout)
+
+
+def evidence_model_path(name: str):
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent / "assets" / "evidence" / f"{name}.safetensors"
 
 
 def load_evidence_model(name: str):
     """A trained known-evidence ViT from ``captum_vit/assets/evidence`` (fp16 weights -> float32, eval mode)."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
-    path = Path(__file__).resolve().parent / "assets" / "evidence" / f"{name}.safetensors"
+    if name not in EVIDENCE_MODELS:
+        raise ValueError(f"unknown known-evidence model {name!r}; choose one of {', '.join(EVIDENCE_MODELS)}.")
+    path = evidence_model_path(name)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; train it with benchmarks/train_evidence.py --models {name}.")
     model = build_evidence_model(name)
