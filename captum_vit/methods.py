@@ -75,8 +75,10 @@ class MethodSpec:
 
     ``class_specific``: the map depends on the target (False for rollout and
     the random control); ``control``: a reference map, not an explainer
-    (offered by the benchmarks, not the CLI); ``builder`` makes its explain
-    function.
+    (offered by the benchmarks, not the CLI); ``seeded``: its maps draw
+    random numbers from the build's ``seed`` (an evaluation builds it per
+    batch with a batch seed; every other entry once per run); ``builder``
+    makes its explain function.
     """
 
     name: str
@@ -84,6 +86,7 @@ class MethodSpec:
     builder: Builder = field(repr=False)
     class_specific: bool = True
     control: bool = False
+    seeded: bool = False
 
     def build(self, context: BuildContext) -> "MethodExplainer":
         fn, options = self.builder(context)
@@ -197,7 +200,7 @@ _SPECS = (
     MethodSpec("relevance", "Relevance (Chefer LRP)", attention_builder(TransformerAttribution)),
     MethodSpec("ig", "Integrated Gradients", _integrated_gradients),
     MethodSpec("layergradcam", "LayerGradCam", _layer_gradcam),
-    MethodSpec("random", "random control", _random_control, class_specific=False, control=True),
+    MethodSpec("random", "random control", _random_control, class_specific=False, control=True, seeded=True),
 )
 
 #: name -> entry, in table order

@@ -241,3 +241,20 @@ def test_a_fine_tuned_checkpoint_loads_with_its_own_class_count_and_a_wrong_one_
         load_model(str(tmp_path / "fine_tuned.pth"), arch="deit_small_patch16_224")
     with pytest.raises(ModelSpecError, match=r"does not fit the timm architecture 'resnet18': \d+ key\(s\) missing"):
         load_model(str(tmp_path / "fine_tuned.pth"), arch="resnet18")
+
+
+def test_each_registry_method_is_built_once_per_run_and_the_random_control_once_per_batch(monkeypatch):
+    """Built once, an engine keeps what it learnt (ViT-ReciproCAM's fast-path verdicts); the random control is
+    re-seeded per batch so that a sharded run equals a single process."""
+    import captum_vit.methods as methods
+    from captum_vit.metrics import evaluate
+
+    model, images = make_model("vit_reg4")
+    images = torch.cat([images, images.flip(0), images.flip(-1)])
+    built = []
+    real = methods.explainer
+    monkeypatch.setattr(methods, "explainer", lambda name, *a, **k: built.append(name) or real(name, *a, **k))
+    batches = [images[:2], images[2:4], images[4:6]]
+    evaluate(model, ["reciprocam-fast", "random"], batches, ["constant"], progress=False)
+    assert built.count("reciprocam-fast") == 1
+    assert built.count("random") == 1 + len(batches)  # the probe, then one per batch

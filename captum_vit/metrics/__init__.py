@@ -29,8 +29,9 @@
 from ._adcc import ADCCResult, adcc, adcc_score, pearson
 from ._checkpoint import MANIFEST, CheckpointDirectory, CheckpointMismatchError
 from ._deletion import deletion_insertion
-from ._evaluate import evaluate_adcc, join_torchrun
-from ._registry import ALIASES, FIELDS, METRICS, ExplainedBatch, MetricSpec
+from ._distributed import join_torchrun
+from ._evaluate import evaluate_adcc
+from ._registry import ALIASES, FIELDS, METRICS, ExplainedBatch, MetricSpec, grid_scores
 from ._runner import DatasetItems, EvaluationBatch, EvaluationResult, evaluate
 from ._evidence import bootstrap_interval, cascading_randomization, evidence_mass, rank_correlation, top_pixel_inside
 from ._known_evidence import (
@@ -45,7 +46,6 @@ from ._grid import (
     build_pointing_grids,
     confident_indices,
     evaluate_grid_pointing,
-    grid_scores,
     make_pointing_grids,
 )
 from ._holdout import HeldOutChoice, leave_one_model_out, rank_candidates

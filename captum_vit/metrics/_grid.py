@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._utils import forward_logits
-from ._evidence import evidence_mass, top_pixel_inside
+from ._evidence import bootstrap_interval
+from ._runner import EvaluationBatch, evaluate
 
 #: fewest recognised grids, and smallest recognised share, that `evaluate_grid_pointing` scores
 MIN_RECOGNISED_GRIDS = 10
@@ -77,8 +78,6 @@ class PointingGrids:
     def batches(self, batch_size: int) -> List[Any]:
         """`EvaluationBatch`es for the runner: ``extra["grid_target"]`` ``(n, g*g)``, ``extra["grid_cells"]``
         ``(n, g*g, H, W)``; the labels are the first cell's classes (the metric reads every cell's)."""
-        from ._runner import EvaluationBatch
-
         cells = self.cell_masks()
         out = []
         for start in range(0, len(self), batch_size):
@@ -173,22 +172,6 @@ def build_pointing_grids(forward_func: Any, images: Tensor, labels: Tensor, n: i
     return grids
 
 
-def grid_scores(explain: Any, images: Tensor, cell_targets: Tensor, cells: Tensor) -> Dict[str, Tensor]:
-    """Pointing and mass of each grid, ``(N,)`` each: the means over its cells.
-
-    Args:
-        explain: ``(inputs, target) -> (N, 1, h, w)`` maps.
-        images: ``(N, C, H, W)`` grids; ``cell_targets``: ``(N, K)`` classes;
-        cells: ``(N, K, H, W)`` bool, each cell's pixels.
-    """
-    pointing, mass = [], []
-    for k in range(cell_targets.shape[1]):
-        maps = explain(images, cell_targets[:, k]).detach().cpu()
-        pointing.append(top_pixel_inside(maps, cells[:, k]))
-        mass.append(evidence_mass(maps, cells[:, k]))
-    return {"grid_pointing": torch.stack(pointing, 1).mean(1), "grid_mass": torch.stack(mass, 1).mean(1)}
-
-
 @dataclass
 class GridPointingResult:
     """What `evaluate_grid_pointing` found.
@@ -214,8 +197,6 @@ class GridPointingResult:
         return 1.0 / (self.grid * self.grid)
 
     def summary(self, resamples: int = 1000, seed: int = 0) -> Dict[str, Dict[str, Dict[str, float]]]:
-        from ._evidence import bootstrap_interval
-
         return {m: {k: bootstrap_interval(v, resamples, seed=seed) for k, v in fields_.items()}
                 for m, fields_ in self.values.items()}
 
@@ -229,8 +210,6 @@ def evaluate_grid_pointing(forward_func: Any, methods: Sequence[str], grids: Poi
     when fewer than `MIN_RECOGNISED_GRIDS` grids or less than
     `MIN_RECOGNISED_SHARE` of them are recognised.
     """
-    from ._runner import evaluate
-
     recognised = grids.recognised(forward_func)
     count, share = int(recognised.sum()), float(recognised.float().mean()) if len(grids) else 0.0
     result = GridPointingResult(len(grids), count, grids.grid, scored=False)

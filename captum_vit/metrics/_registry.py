@@ -23,7 +23,6 @@ from torch import Tensor
 from ._adcc import ADCCResult, adcc
 from ._deletion import deletion_insertion
 from ._evidence import evidence_mass, rank_correlation, top_pixel_inside
-from ._grid import grid_scores
 from ._localization import box_localization, box_mask
 
 
@@ -130,6 +129,22 @@ def _distractor(batch: ExplainedBatch) -> Dict[str, Tensor]:
     on_mark = top_pixel_inside(maps, extra["distractor_mark_near"])
     return {"distractor_pointing": on_mark * (1 - top_pixel_inside(maps, extra["distractor_near"])),
             "distractor_mass": evidence_mass(maps, extra["distractor_mask"])}
+
+
+def grid_scores(explain: Any, images: Tensor, cell_targets: Tensor, cells: Tensor) -> Dict[str, Tensor]:
+    """Pointing and mass of each grid, ``(N,)`` each: the means over its cells.
+
+    Args:
+        explain: ``(inputs, target) -> (N, 1, h, w)`` maps.
+        images: ``(N, C, H, W)`` grids; ``cell_targets``: ``(N, K)`` classes;
+        cells: ``(N, K, H, W)`` bool, each cell's pixels.
+    """
+    pointing, mass = [], []
+    for k in range(cell_targets.shape[1]):
+        maps = explain(images, cell_targets[:, k]).detach().cpu()
+        pointing.append(top_pixel_inside(maps, cells[:, k]))
+        mass.append(evidence_mass(maps, cells[:, k]))
+    return {"grid_pointing": torch.stack(pointing, 1).mean(1), "grid_mass": torch.stack(mass, 1).mean(1)}
 
 
 def _grid_pointing(batch: ExplainedBatch) -> Dict[str, Tensor]:

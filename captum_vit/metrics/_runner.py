@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checkpoint import CheckpointDirectory, method_identity, model_fingerprint, tensor_digest
-from ._evaluate import distributed_rank_and_size, from_every_rank
+from ._distributed import distributed_rank_and_size, from_every_rank
 from ._evidence import bootstrap_interval, cascading_randomization
 from ._registry import ExplainedBatch, MetricSpec, higher_is_better, resolve_metrics
 
@@ -199,15 +199,25 @@ class _Run:
     cascade: List[Tuple[str, nn.Module]]
     method_options: Dict[str, Dict[str, Any]]
     checkpoints: Dict[str, Optional[CheckpointDirectory]]
+    #: (method, model: 0 the model, i > 0 the i-th randomised copy) -> its explainer, built once per run
+    built: Dict[Tuple[str, int], Callable[[Tensor, Tensor], Tensor]] = field(default_factory=dict)
 
-    def build(self, name: str, forward_func: Any, seed: int) -> Callable[[Tensor, Tensor], Tensor]:
-        """Method ``name`` on ``forward_func``: a registry method built (seeded), or the caller's callable."""
-        from ..methods import explainer
+    def build(self, name: str, model_index: int, seed: int) -> Callable[[Tensor, Tensor], Tensor]:
+        """Method ``name`` on the model (``model_index`` 0) or a randomised copy: the caller's callable, or a
+        registry method built once per run (its engine keeps what it learnt, e.g. ViT-ReciproCAM's fast-path
+        verdicts); an entry whose maps draw random numbers (`MethodSpec.seeded`) is built per batch with
+        ``seed``, so a sharded run equals a single process."""
+        from ..methods import REGISTRY, explainer
 
         method = self.methods[name]
         if not isinstance(method, str):
             return method
-        return explainer(method, forward_func, seed=seed, **self.method_options.get(name, {}))
+        key = (name, model_index)
+        if key in self.built and not REGISTRY[method].seeded:
+            return self.built[key]
+        forward_func = self.forward_func if model_index == 0 else self.cascade[model_index - 1][1]
+        self.built[key] = explainer(method, forward_func, seed=seed, **self.method_options.get(name, {}))
+        return self.built[key]
 
 
 def evaluate(
@@ -340,7 +350,7 @@ def _checkpoints(run: _Run, unsupported: Dict[str, str], folder_of: Optional[Cal
         if folder_of is None:
             out[name] = None
             continue
-        built = run.build(name, run.forward_func, run.seed)
+        built = run.build(name, 0, run.seed)
         method_id = built.identity if isinstance(method, str) else method_identity(method)  # type: ignore[attr-defined]
         out[name] = CheckpointDirectory(folder_of(name), {**base, "method": method_id, **(identity or {})},
                                         restart=restart)
@@ -372,7 +382,7 @@ def _probe_methods(run: _Run) -> Dict[str, str]:
             if method not in REGISTRY:
                 raise ValueError(f"unknown method {method!r}; choose from {', '.join(REGISTRY)}.")
             try:
-                run.build(name, run.forward_func, run.seed)
+                run.build(name, 0, run.seed)
             except UnsupportedModelError as error:
                 unsupported[name] = str(error)
         elif any(s.name == "randomization" for s in run.metrics):
@@ -463,10 +473,10 @@ def _compute(run: _Run, name: str, b: int, batch: EvaluationBatch, target: Tenso
              for k, v in batch.extra.items()}
     moved.update({k: v.to(device) for k, v in moved.items() if k.endswith("_target") and device is not None})
     images = batch.images if device is None else batch.images.to(device)
-    explain = run.build(name, run.forward_func, run.seed + b)
+    explain = run.build(name, 0, run.seed + b)
     t = target if device is None else target.to(device)
-    randomized = [(stage, run.build(name, model, run.seed + 10_000 * (i + 1) + b))
-                  for i, (stage, model) in enumerate(run.cascade)]
+    randomized = [(stage, run.build(name, i + 1, run.seed + 10_000 * (i + 1) + b))
+                  for i, (stage, _) in enumerate(run.cascade)]
     context = ExplainedBatch(images, t, explain, run.forward_func, batch.boxes, moved, randomized, run.options)
     values: Dict[str, Tensor] = {}
     for spec in run.metrics:
