@@ -44,15 +44,15 @@ from captum_vit.evidence import held_out_data, held_out_scores, make_object_canv
 OUT = ROOT / "captum_vit" / "assets" / "evidence"
 
 
-def marks_batch(data: dict, n: int, seed: int):
+def marks_batch(data: dict, n: int, seed: int, texture_share: float):  # noqa: ARG001 - no textures here
     parts = [make_canvases(data["backgrounds"], "single", n // 2, seed),
              make_canvases(data["backgrounds"], "pair", n // 4, seed + 1),
              make_canvases(data["backgrounds"], "distractor", n - n // 2 - n // 4, seed + 2)]
     return torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts])
 
 
-def objects_batch(data: dict, n: int, seed: int):
-    batch = make_object_canvases(data["pictures"], data["labels"], data["backgrounds"], n, seed)
+def objects_batch(data: dict, n: int, seed: int, texture_share: float):
+    batch = make_object_canvases(data["pictures"], data["labels"], data["backgrounds"], n, seed, texture_share)
     return batch.images, batch.labels
 
 
@@ -66,13 +66,13 @@ def train(name: str, data: dict, held_out: dict, batch: int, seed: int) -> dict:
     spec = MODELS[name]
     torch.manual_seed(seed)
     model = build(name)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=spec.steps, pct_start=0.1)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
     make_batch = marks_batch if spec.task == "marks" else objects_batch
     start = time.perf_counter()
     model.train()
     for step in range(spec.steps):
-        images, labels = make_batch(data[spec.task], batch, seed * 100_000 + step * 3)
+        images, labels = make_batch(data[spec.task], batch, seed * 100_000 + step * 3, spec.texture_share)
         loss = loss_of(spec.task, model(images), labels, spec.label_smoothing)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,7 +115,7 @@ def main() -> None:
         spec = MODELS[name]
         result = train(name, data, held_out, args.batch, args.seed)
         model, seconds = result.pop("model"), result.pop("seconds")
-        recipe = dict(arch=spec.describe(), batch=args.batch, seed=args.seed, lr=2e-3,
+        recipe = dict(arch=spec.describe(), batch=args.batch, seed=args.seed,
                       optimiser="AdamW wd 0.05, one-cycle", threads=args.threads,
                       loss="BCE, multi-label" if spec.task == "marks" else "cross-entropy",
                       mix="1/2 single, 1/4 pair, 1/4 distractor" if spec.task == "marks" else
