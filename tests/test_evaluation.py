@@ -258,3 +258,19 @@ def test_each_registry_method_is_built_once_per_run_and_the_random_control_once_
     evaluate(model, ["reciprocam-fast", "random"], batches, ["constant"], progress=False)
     assert built.count("reciprocam-fast") == 1
     assert built.count("random") == 1 + len(batches)  # the probe, then one per batch
+
+
+def test_every_metric_field_is_described_once_and_an_unknown_one_is_an_error():
+    from captum_vit.metrics import FIELDS, METRICS, field_spec
+
+    def higher_is_better(name):
+        return field_spec(name).higher_is_better
+
+    for spec in METRICS.values():
+        assert spec.fields, f"{spec.name} describes none of its fields"
+        for f in spec.fields:
+            assert f.description and field_spec(f.name.format(stage="blocks.0")) is f
+    assert higher_is_better("spearman/blocks.3") is False and higher_is_better("deletion") is False
+    assert higher_is_better("grid_pointing") is True and FIELDS["distractor_mass"][1] is False
+    with pytest.raises(KeyError, match="no registry metric returns a field 'made_up'"):
+        field_spec("made_up")

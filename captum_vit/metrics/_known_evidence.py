@@ -21,24 +21,16 @@ from ._evidence import (
     bootstrap_interval,
 )
 from ._localization import box_mask
+from ._registry import FIELDS
 
 #: pointing counts a hit within this many pixels of the mark (half a patch of the 64x64 canvases)
 POINTING_GROW = 4
 
-#: metric -> (what it measures, True when higher is better)
+#: the fields the known-evidence evaluation keeps -> (what it measures, True when higher is better), as the
+#: metric registry describes them (*pair*/*distractor* fields on those canvases, the rest on *single*)
 KNOWN_EVIDENCE_METRICS: Dict[str, Tuple[str, bool]] = {
-    "evidence_mass": ("single: share of positive map mass inside the decisive mark", True),
-    "pointing": ("single: the map's maximum lies within 4 px of the decisive mark", True),
-    "iou": ("single: IoU of the thresholded map's boxes with the mark (AGCAM protocol)", True),
-    "dice": ("single: Dice of the thresholded map's boxes with the mark (AGCAM protocol)", True),
-    "deletion": ("single: deletion AUC (pixels to grey in the map's order)", False),
-    "insertion": ("single: insertion AUC", True),
-    "adcc": ("single: ADCC", True),
-    "pair_pointing": ("pair: each class's map points at its own mark and not at the other", True),
-    "distractor_pointing": ("distractor: the maximum is on the decisive mark, not on the distractor", True),
-    "distractor_mass": ("distractor: share of positive map mass inside the distractor", False),
-    "constant": ("single: the map is constant (it carries no ordering at all)", False),
-}
+    name: FIELDS[name] for name in ("evidence_mass", "pointing", "iou", "dice", "deletion", "insertion", "adcc",
+                                    "pair_pointing", "distractor_pointing", "distractor_mass", "constant")}
 
 
 @dataclass

@@ -66,20 +66,42 @@ class ExplainedBatch:
 
 
 @dataclass(frozen=True)
-class MetricSpec:
-    """One registry entry: ``compute(batch) -> {field: (N,) values}``."""
+class FieldSpec:
+    """One per-image value a metric returns: its name, what it measures and which way is better.
+
+    A name with ``{stage}`` is one field per randomisation stage (``spearman/{stage}``).
+    """
 
     name: str
     description: str
-    higher_is_better: bool
+    higher_is_better: bool = True
+
+    def named(self, stages: Sequence[str] = ()) -> Tuple[str, ...]:
+        return tuple(self.name.format(stage=s) for s in stages) if "{stage}" in self.name else (self.name,)
+
+    def matches(self, field_name: str) -> bool:
+        if "{stage}" not in self.name:
+            return field_name == self.name
+        prefix = self.name.split("{stage}")[0]
+        return field_name.startswith(prefix) and len(field_name) > len(prefix)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One registry entry: ``compute(batch) -> {field: (N,) values}``, every field described in ``fields``.
+
+    ``needs``: what the data must provide (see the module docstring); ``"randomized"`` makes the runner
+    build the cascade of randomised models.
+    """
+
+    name: str
+    description: str
     compute: Callable[[ExplainedBatch], Dict[str, Tensor]] = field(repr=False)
-    fields: Tuple[str, ...] = ()
+    fields: Tuple[FieldSpec, ...] = ()
     needs: FrozenSet[str] = frozenset()
 
     def output_fields(self, stages: Sequence[str] = ()) -> Tuple[str, ...]:
-        if self.name == "randomization":
-            return tuple(f"spearman/{stage}" for stage in stages)
-        return self.fields or (self.name,)
+        return tuple(name for f in self.fields for name in f.named(stages))
 
 
 def _adcc(batch: ExplainedBatch) -> Dict[str, Tensor]:
@@ -156,57 +178,75 @@ def _randomization(batch: ExplainedBatch) -> Dict[str, Tensor]:
             for stage, explain in batch.randomized}
 
 
-_SPECS = (
-    MetricSpec("evidence_mass", "share of the map's positive mass inside the boxes (or the decisive mark)", True,
-               _mass, needs=frozenset({"boxes"})),
-    MetricSpec("pointing", "the map's maximum lies in a box (within pointing_margin pixels)", True, _pointing,
-               needs=frozenset({"boxes"})),
-    MetricSpec("boxes", "IoU, Dice and pixel accuracy of the thresholded map's boxes (AGCAM protocol)", True,
-               _boxes, fields=("iou", "dice", "pixel_accuracy"), needs=frozenset({"boxes"})),
-    MetricSpec("deletion", "deletion and insertion AUC (pixels to the baseline in the map's order)", True,
-               _deletion_insertion, fields=("deletion", "insertion")),
-    MetricSpec("adcc", "Average Drop, Average Increase, Coherency, Complexity and ADCC (Poppi et al.)", True, _adcc,
-               fields=tuple(f.name for f in fields(ADCCResult))),
-    MetricSpec("pair", "class-specific pointing on two-mark canvases (known evidence)", True, _pair,
-               fields=("pair_pointing",), needs=frozenset({"evidence"})),
-    MetricSpec("distractor", "pointing past, and mass on, a distractor (known evidence)", True, _distractor,
-               fields=("distractor_pointing", "distractor_mass"), needs=frozenset({"evidence"})),
-    MetricSpec("grid_pointing", "grid pointing game: each cell's class's map peaks in (and puts its mass on) that "
-               "cell", True, _grid_pointing, fields=("grid_pointing", "grid_mass"), needs=frozenset({"grid"})),
-    MetricSpec("constant", "the map is constant: it carries no ordering at all", False, _constant),
-    MetricSpec("randomization", "Spearman of the map with the map of the model randomised from the head down", False,
-               _randomization, needs=frozenset({"randomized"})),
-)
-
-#: name -> entry
-METRICS: Dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
-#: per-image field -> (what it measures, True when higher is better); the runner's summary reads it
-FIELDS: Dict[str, Tuple[str, bool]] = {
-    "evidence_mass": (METRICS["evidence_mass"].description, True),
-    "pointing": (METRICS["pointing"].description, True),
-    "iou": ("IoU of the thresholded map's boxes with the ground truth", True),
-    "dice": ("Dice of the thresholded map's boxes with the ground truth", True),
-    "pixel_accuracy": ("pixel accuracy of the thresholded map's boxes", True),
-    "deletion": ("deletion AUC: the target's probability as the map's pixels are removed", False),
-    "insertion": ("insertion AUC: the target's probability as the map's pixels are revealed", True),
+_ADCC_FIELDS = {
     "average_drop": ("ADCC's Average Drop: the probability lost on the map-masked image", False),
     "average_increase": ("ADCC's Average Increase: the masked image scores higher", True),
     "coherency": ("ADCC's Coherency: the map of the masked image correlates with the map", True),
     "complexity": ("ADCC's Complexity: the map's mean value", False),
     "adcc": ("ADCC: the harmonic mean of coherency, 1 - complexity and 1 - average drop", True),
     "constant_map": ("ADCC's flag: the map (or the masked image's) is constant", False),
-    "pair_pointing": (METRICS["pair"].description, True),
-    "distractor_pointing": ("the maximum is on the decisive mark, not on the distractor", True),
-    "distractor_mass": ("share of positive map mass inside the distractor", False),
-    "constant": (METRICS["constant"].description, False),
-    "grid_pointing": ("grid pointing game: share of cells whose class's map peaks inside the cell", True),
-    "grid_mass": ("grid pointing game: share of each cell's class's positive map mass inside the cell", True),
 }
+
+_SPECS = (
+    MetricSpec("evidence_mass", "share of the map's positive mass inside the boxes (or the decisive mark)", _mass,
+               (FieldSpec("evidence_mass", "share of the map's positive mass inside the boxes (or the decisive "
+                          "mark)"),), needs=frozenset({"boxes"})),
+    MetricSpec("pointing", "the map's maximum lies in a box (within pointing_margin pixels)", _pointing,
+               (FieldSpec("pointing", "the map's maximum lies in a box (within pointing_margin pixels)"),),
+               needs=frozenset({"boxes"})),
+    MetricSpec("boxes", "IoU, Dice and pixel accuracy of the thresholded map's boxes (AGCAM protocol)", _boxes,
+               (FieldSpec("iou", "IoU of the thresholded map's boxes with the ground truth"),
+                FieldSpec("dice", "Dice of the thresholded map's boxes with the ground truth"),
+                FieldSpec("pixel_accuracy", "pixel accuracy of the thresholded map's boxes")),
+               needs=frozenset({"boxes"})),
+    MetricSpec("deletion", "deletion and insertion AUC (pixels to the baseline in the map's order)",
+               _deletion_insertion,
+               (FieldSpec("deletion", "deletion AUC: the target's probability as the map's pixels are removed",
+                          higher_is_better=False),
+                FieldSpec("insertion", "insertion AUC: the target's probability as the map's pixels are revealed"))),
+    MetricSpec("adcc", "Average Drop, Average Increase, Coherency, Complexity and ADCC (Poppi et al.)", _adcc,
+               tuple(FieldSpec(f.name, *_ADCC_FIELDS[f.name]) for f in fields(ADCCResult))),
+    MetricSpec("pair", "class-specific pointing on two-mark canvases (known evidence)", _pair,
+               (FieldSpec("pair_pointing", "class-specific pointing on two-mark canvases (known evidence)"),),
+               needs=frozenset({"evidence"})),
+    MetricSpec("distractor", "pointing past, and mass on, a distractor (known evidence)", _distractor,
+               (FieldSpec("distractor_pointing", "the maximum is on the decisive mark, not on the distractor"),
+                FieldSpec("distractor_mass", "share of positive map mass inside the distractor",
+                          higher_is_better=False)), needs=frozenset({"evidence"})),
+    MetricSpec("grid_pointing", "grid pointing game: each cell's class's map peaks in (and puts its mass on) that "
+               "cell", _grid_pointing,
+               (FieldSpec("grid_pointing", "grid pointing game: share of cells whose class's map peaks inside the "
+                          "cell"),
+                FieldSpec("grid_mass", "grid pointing game: share of each cell's class's positive map mass inside "
+                          "the cell")), needs=frozenset({"grid"})),
+    MetricSpec("constant", "the map is constant: it carries no ordering at all", _constant,
+               (FieldSpec("constant", "the map is constant: it carries no ordering at all", higher_is_better=False),)),
+    MetricSpec("randomization", "Spearman of the map with the map of the model randomised from the head down",
+               _randomization,
+               (FieldSpec("spearman/{stage}", "Spearman of the map with the map of the model randomised down to "
+                          "the stage (lower: the map depends on the weights)", higher_is_better=False),),
+               needs=frozenset({"randomized"})),
+)
+
+#: name -> entry
+METRICS: Dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
+#: per-image field -> (what it measures, True when higher is better), from the entries' `FieldSpec`s
+FIELDS: Dict[str, Tuple[str, bool]] = {f.name: (f.description, f.higher_is_better)
+                                       for spec in _SPECS for f in spec.fields}
+
+
+def field_spec(field_name: str) -> FieldSpec:
+    """The `FieldSpec` of a per-image field any registry metric returns (``spearman/<stage>`` too)."""
+    for spec in _SPECS:
+        for f in spec.fields:
+            if f.matches(field_name):
+                return f
+    raise KeyError(f"no registry metric returns a field {field_name!r}.")
 
 
 def higher_is_better(field_name: str) -> bool:
-    """Which way ``field_name`` is better (a Spearman correlation with a randomised model: lower)."""
-    return not field_name.startswith("spearman/") and FIELDS.get(field_name, ("", True))[1]
+    """Which way ``field_name`` is better, as its metric's `FieldSpec` says."""
+    return field_spec(field_name).higher_is_better
 
 
 #: names that select an entry by one of its fields, or a group of entries

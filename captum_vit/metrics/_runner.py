@@ -324,7 +324,7 @@ def run_evaluation(
     if device is None and isinstance(model, nn.Module):
         device = next(model.parameters()).device
     named = {m: m for m in methods} if not isinstance(methods, dict) else dict(methods)
-    cascade = _cascade(model, seed) if any(s.name == "randomization" for s in specs) else []
+    cascade = _cascade(model, seed) if any("randomized" in s.needs for s in specs) else []
     options = dict(deletion_steps=deletion_steps, baseline=baseline, pointing_margin=pointing_margin)
     run = _Run(forward_func, named, specs, use_labels, torch.device(device) if device is not None else None, seed,
                options, cascade, dict(method_options or {}), {})
@@ -385,7 +385,7 @@ def _probe_methods(run: _Run) -> Dict[str, str]:
                 run.build(name, 0, run.seed)
             except UnsupportedModelError as error:
                 unsupported[name] = str(error)
-        elif any(s.name == "randomization" for s in run.metrics):
+        elif any("randomized" in s.needs for s in run.metrics):
             raise ValueError(f"the randomization metric rebuilds each method on randomised models; {name!r} is a "
                              "callable: give registry names as methods for it.")
     return unsupported
