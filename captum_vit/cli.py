@@ -19,6 +19,7 @@ import argparse
 import difflib
 import glob
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -482,9 +483,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the options whose values may be negative block indices, and such a value ("-2", "-1,-2")
+NEGATIVE_OPTIONS = ("--block", "--layers")
+_NEGATIVE_VALUE = re.compile(r"^-\d[\d,\s-]*$")
+
+
+def attach_negative_values(argv: Sequence[str]) -> List[str]:
+    """``--layers -1,-2`` as ``--layers=-1,-2`` (`NEGATIVE_OPTIONS`).
+
+    argparse reads a token that starts with ``-`` and is not a plain negative
+    number as an option name, so ``--layers -1,-2`` would fail with "expected
+    one argument"; joined with ``=``, the value is the option's.
+    """
+    out: List[str] = []
+    for token in argv:
+        if out and out[-1] in NEGATIVE_OPTIONS and _NEGATIVE_VALUE.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except KeyboardInterrupt:

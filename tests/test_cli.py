@@ -210,3 +210,15 @@ def test_preprocessing_is_timms_transform_for_a_deit(tmp_path):
     got = loaded.preprocess(photo)
     assert got.shape == (1, 3, 224, 224)
     torch.testing.assert_close(got[0], expected)
+
+
+def test_negative_block_indices_work_as_separate_arguments_as_the_help_shows(tmp_path):
+    """``--layers -1,-2`` (the help's own example) and ``--block -3`` without ``=``."""
+    from captum_vit.cli import attach_negative_values, main
+
+    assert attach_negative_values(["explain", "a.png", "--layers", "-1,-2", "--block", "-3", "--top-k", "2"]) == [
+        "explain", "a.png", "--layers=-1,-2", "--block=-3", "--top-k", "2"]
+    assert attach_negative_values(["--out", "-1"]) == ["--out", "-1"]  # only the block options
+    image = str(ASSETS / "samples" / "cat_test3009.png")
+    assert main(["explain", image, "--method", "agcam", "--layers", "-1,-2", "--out", str(tmp_path)]) == 0
+    assert main(["explain", image, "--method", "reciprocam", "--block", "-3", "--out", str(tmp_path)]) == 0
