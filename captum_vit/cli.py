@@ -143,10 +143,23 @@ def resolve_class(target: str, class_names: Optional[Sequence[str]], num_classes
     if len(matches) > 1:
         listed = "; ".join(f"{i}: {class_names[i]}" for i in matches)
         raise UsageError(f"target {target!r} names {len(matches)} classes ({listed}); give the index.")
+    raise UsageError(f"unknown target {target!r}; {_class_hint(wanted, synonyms, class_names)}.")
+
+
+#: a model with at most this many classes has them all listed when a target name is unknown
+LISTED_CLASSES = 20
+
+
+def _class_hint(wanted: str, synonyms: Dict[str, List[int]], class_names: Sequence[str]) -> str:
+    """All classes of a small model; else the names that contain the word, then those spelt alike."""
+    if len(class_names) <= LISTED_CLASSES:
+        return "the classes are " + ", ".join(f"{name} ({i})" for i, name in enumerate(class_names))
+    containing = [s for s in synonyms if re.search(rf"\b{re.escape(wanted)}\b", s)]
     close = difflib.get_close_matches(wanted, list(synonyms), n=20, cutoff=0.6)
-    indices = list(dict.fromkeys(i for c in close for i in synonyms[c]))[:5]  # distinct classes, best first
-    hint = "; ".join(f"{class_names[i]} ({i})" for i in indices)
-    raise UsageError(f"unknown target {target!r}" + (f"; close matches: {hint}" if hint else "; give a class index or name") + ".")
+    indices = list(dict.fromkeys(i for c in [*containing, *close] for i in synonyms[c]))[:8]  # distinct, best first
+    if not indices:
+        return f"give a class index in [0, {len(class_names) - 1}] or a class name"
+    return "close matches: " + "; ".join(f"{class_names[i]} ({i})" for i in indices)
 
 
 def _name(class_names: Optional[Sequence[str]], index: int) -> str:

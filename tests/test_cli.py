@@ -82,8 +82,19 @@ def test_class_name_synonyms_and_ambiguity():
     assert cli.resolve_class("tabby cat", names, 5) == 0
     with pytest.raises(cli.UsageError, match="names 2 classes .2: crane; 3: crane."):
         cli.resolve_class("crane", names, 5)
-    with pytest.raises(cli.UsageError, match=r"close matches: tabby, tabby cat \(0\)\.$"):
-        cli.resolve_class("tabby kat", names, 5)
+    # a small model's classes are all listed: "Car" finds no name, and the user sees "automobile (1)" among them
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with pytest.raises(cli.UsageError, match=r"unknown target 'Car'; the classes are airplane \(0\), automobile \(1\), "
+                                             r"bird \(2\), .*, truck \(9\)\.$"):
+        cli.resolve_class("Car", cifar, 10)
+    # a large one: names containing the word first, then names spelt alike, case-insensitively
+    many = names + ["sports car", "car wheel", "cab, taxi"] + [f"class {i}" for i in range(30)]
+    with pytest.raises(cli.UsageError, match=r"close matches: sports car \(5\); car wheel \(6\); cab, taxi \(7\)"):
+        cli.resolve_class("Car", many, len(many))
+    with pytest.raises(cli.UsageError, match=r"close matches: tabby, tabby cat \(0\)"):
+        cli.resolve_class("tabby kat", many, len(many))
+    with pytest.raises(cli.UsageError, match=r"give a class index in \[0, 37\] or a class name\.$"):
+        cli.resolve_class("unicorn", many, len(many))
 
 
 def test_evaluate_on_a_folder(sample, tmp_path, capsys):
