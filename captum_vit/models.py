@@ -158,9 +158,13 @@ def load_cifar_checkpoint(path: str | Path, arch: Optional[str] = None) -> Loade
             f"unknown architecture for {path.name}: name it with one of {', '.join(CIFAR_ARCHITECTURES)} "
             "(or pass a timm model name as arch for other checkpoints)."
         )
-    with safe_open(str(path), "pt") as f:
-        metadata = dict(f.metadata() or {})
-        state = {k: f.get_tensor(k).float() for k in f.keys()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a damaged header
+        raise ModelSpecError(f"{path} is not a .safetensors checkpoint ({_first_words(err)}); accepted: "
+                             f"{ACCEPTED_CHECKPOINTS}.") from None
+    state = {k: v.float() for k, v in read_safetensors(path).items()}
     vit = CIFAR_ARCHITECTURES[stem]()
     vit.load_state_dict(state)
     vit.eval()
@@ -264,17 +268,55 @@ def _timm_model_from_checkpoint(name: str, path: Path, num_classes: Optional[int
     return vit
 
 
+#: what `load_model` accepts, for the error of a file that is none of it
+ACCEPTED_CHECKPOINTS = ("a state dict saved with torch.save (.pth, .pt, .bin) or a .safetensors file of tensors; "
+                        "or a timm model name")
+
+
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = read_safetensors(path)
     else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = _torch_load(path)
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelSpecError(f"{path} holds no state dict of tensors; accepted: {ACCEPTED_CHECKPOINTS}.")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or one line saying it is not one."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a damaged header
+        raise ModelSpecError(f"{path} is not a .safetensors checkpoint ({_first_words(err)}); accepted: "
+                             f"{ACCEPTED_CHECKPOINTS}.") from None
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` with weights only; a file that is no torch checkpoint, or one holding pickled objects
+    beyond tensors (a whole model), is refused in one line."""
+    import pickle
+
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    if magic not in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):  # zip (torch.save) or pickle
+        raise ModelSpecError(f"{path} is not a checkpoint (no torch.save or pickle header); accepted: "
+                             f"{ACCEPTED_CHECKPOINTS}.")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelSpecError(f"{path} holds pickled Python objects besides tensors (a whole model saved with "
+                             "torch.save(model)?), which are not loaded because unpickling can run code; save "
+                             "model.state_dict() instead.") from None
+
+
+def _first_words(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
 
 
 def load_model(spec: str, arch: Optional[str] = None, num_classes: Optional[int] = None) -> LoadedModel:
@@ -288,6 +330,7 @@ def load_model(spec: str, arch: Optional[str] = None, num_classes: Optional[int]
         if (arch or path.stem) in CIFAR_ARCHITECTURES and path.suffix == ".safetensors":
             return load_cifar_checkpoint(path, arch)
         if arch is None:
+            _read_state_dict(path)  # a file that is no checkpoint is said first: --arch would not help
             raise ModelSpecError(f"give the timm architecture of {path.name} with --arch (e.g. deit_small_patch16_224).")
         return load_timm_model(arch, path, num_classes)
     return load_timm_model(spec, None, num_classes)

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from captum_vit import cli
 from captum_vit.models import ASSETS
@@ -146,6 +147,11 @@ def test_evaluate_on_a_class_folder_tree_with_several_methods_and_metrics(tmp_pa
         (["explain", "{sample}", "--target", "unicorn"], "unknown target 'unicorn'"),
         (["explain", "{sample}", "--model", "weights.pth"], "checkpoint weights.pth does not exist"),
         (["explain", "{sample}", "--model", "{sample_ckpt}"], "give the timm architecture"),
+        (["explain", "{sample}", "--model", "{text_pth}", "--arch", "deit_tiny_patch16_224"],
+         "text.pth is not a checkpoint (no torch.save or pickle header); accepted: a state dict"),
+        (["explain", "{sample}", "--model", "{text_safetensors}"], "text.safetensors is not a .safetensors checkpoint"),
+        (["explain", "{sample}", "--model", "{whole_model}", "--arch", "deit_tiny_patch16_224"],
+         "holds pickled Python objects besides tensors (a whole model saved with torch.save(model)?)"),
         (["evaluate", "--data", "nowhere"], "nowhere: no such file or folder"),
         (["explain", "{folder}"], "no such file, or no images in it"),
         (["explain", "{sample}", "--out", "{sample}"], "is a file; give a folder"),
@@ -166,7 +172,11 @@ def test_bad_input_is_one_line(argv, message, sample, tmp_path, capsys, monkeypa
     not_image = tmp_path / "notes.png"
     not_image.write_text("not a picture")
     ckpt = tmp_path / "mine.pth"
-    ckpt.write_bytes(b"")
+    torch.save({"weight": torch.zeros(2)}, ckpt)
+    text_pth, text_safetensors, whole_model = tmp_path / "text.pth", tmp_path / "text.safetensors", tmp_path / "m.pth"
+    text_pth.write_text("not a checkpoint")
+    text_safetensors.write_text("not a checkpoint either")
+    torch.save(torch.nn.Linear(2, 2), whole_model)
     folder = tmp_path / "empty"
     folder.mkdir()
     bad_npz = tmp_path / "other.npz"
@@ -174,7 +184,8 @@ def test_bad_input_is_one_line(argv, message, sample, tmp_path, capsys, monkeypa
     not_npz = tmp_path / "text.npz"
     not_npz.write_text("not an archive")
     argv = [a.format(sample=sample, not_image=not_image, sample_ckpt=ckpt, folder=folder, bad_npz=bad_npz,
-                     not_npz=not_npz) for a in argv]
+                     not_npz=not_npz, text_pth=text_pth, text_safetensors=text_safetensors, whole_model=whole_model)
+            for a in argv]
     try:
         code = cli.main(argv)
     except SystemExit as exit_:  # argparse refuses bad option values itself
