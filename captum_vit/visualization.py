@@ -60,18 +60,26 @@ def raw_range(map_: torch.Tensor) -> Tuple[float, float, bool]:
 
 
 def range_caption(map_: torch.Tensor) -> str:
-    """``"raw 0.844 .. 0.848"``, with a warning for a flat map."""
+    """What the colours show: ``"shown scaled; values 0.844 .. 0.848"``, with a warning for a flat map.
+
+    A map already min-max scaled (exactly 0 .. 1, as the methods return by
+    default) says so: its raw range is not known here, and the caption does
+    not call it raw.
+    """
     lo, hi, flat = raw_range(map_)
-    text = f"raw {lo:.3g} .. {hi:.3g}"
+    if (lo, hi) == (0.0, 1.0):
+        text = "scaled 0 .. 1 before drawing\n(normalize=False maps give the raw range)"
+    else:
+        text = f"shown scaled; values {lo:.3g} .. {hi:.3g}"
     return text + "\nFLAT: differences are noise" if flat else text
 
 
 def draw_overlay(ax, image: np.ndarray, map_: torch.Tensor, title: str) -> None:
     """One map over ``image`` on ``ax`` via Captum, with a colour bar and its raw range.
 
-    The map is min-max scaled for display (colour bar 0..1 = raw min..max,
-    written under the title); a flat map (see `raw_range`) is hatched
-    and captioned as such.
+    The map is min-max scaled for display (colour bar 0..1 = the map's min..max,
+    written under the title, see `range_caption`); a flat map (see
+    `raw_range`) is hatched and captioned as such.
     """
     from captum.attr import visualization as viz
 
@@ -110,8 +118,10 @@ def explanation_figure(
 
     Args:
         pixels: ``(3, H, W)`` image in ``[0, 1]``.
-        maps: ``{method title: (1, h, w) raw map}``; each is min-max scaled
-            for display, with its raw range in the caption.
+        maps: ``{method title: (1, h, w) map}``; each is min-max scaled
+            for display, with its range in the caption (raw maps, from
+            ``normalize=False``, show the raw range; already scaled maps say
+            so).
         title: caption of the image (prediction, class).
         out: where to save the PNG (the figure is returned open if ``None``).
         class_agnostic: method titles whose map does not depend on the class

@@ -395,3 +395,13 @@ def test_quantus_metrics_run_on_the_embedded_model_and_agree_with_our_pointing()
     random_logit = quantus.RandomLogit(num_classes=10, disable_warnings=True)(
         model=model, x_batch=x, y_batch=y, explain_func=explain_func, device="cpu")
     assert len(random_logit) == 4 and all(math.isfinite(v) for v in random_logit)
+
+
+def test_figure_captions_say_what_is_shown_and_never_call_a_scaled_map_raw():
+    from captum_vit.visualization import range_caption
+
+    assert range_caption(torch.tensor([[0.0, 0.5], [1.0, 0.25]])) == (
+        "scaled 0 .. 1 before drawing\n(normalize=False maps give the raw range)")
+    assert range_caption(torch.tensor([[0.9291, 0.9306]])) == "shown scaled; values 0.929 .. 0.931"
+    flat = range_caption(torch.tensor([[0.92910, 0.92911]]))
+    assert flat.startswith("shown scaled; values") and flat.endswith("FLAT: differences are noise")
