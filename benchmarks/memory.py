@@ -29,7 +29,7 @@ CASES = {
     "agcam": "AttentionGuidedGradCAM",
     "rollout": "AttentionRollout",
     "grad-rollout": "GradientRollout",
-    "reciprocam": "LayerReciproCAM, block -2 (the default, fast path)",
+    "reciprocam": "LayerReciproCAM, block -2 (the authors' setting, registry reciprocam-authors; fast path)",
     "reciprocam-last": "LayerReciproCAM, last block (fast path)",
     "reciprocam-last-bs64": "LayerReciproCAM, last block (fast path, batch_size=64)",
 }

@@ -14,7 +14,7 @@ internal_batch_size=batch, LayerGradCam on the last block's norm1 tokens
 reshaped to the grid); LayerReciproCAM's general path; and, when
 ``pytorch-grad-cam`` is installed, its ScoreCAM and AblationCAM with a ViT
 reshape transform. Weights are random (timing does not depend on them).
-``reciprocam-general`` is the registry's ``reciprocam`` (block -2, unmasked
+``reciprocam-general`` is the registry's ``reciprocam-authors`` (block -2, unmasked
 residual; another with ``--block``) forced onto the general path; ``relevance-float32`` is Relevance in
 the model's own precision (the registry's ``relevance`` computes in float64 on
 a CPU).

@@ -211,7 +211,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     from .reciprocam import KERNELS, RESIDUALS, SCORES
 
     parser.add_argument("--block", type=int, default=None,
-                        help="ViT-ReciproCAM's block, from the end as -1 (default: each entry's, -2 for reciprocam)")
+                        help="ViT-ReciproCAM's block, from the end as -1 (default: each entry's, -3 for reciprocam)")
     parser.add_argument("--kernel", default=None, choices=KERNELS, help="ViT-ReciproCAM's mask kernel")
     parser.add_argument("--residual", default=None, choices=RESIDUALS,
                         help="ViT-ReciproCAM's residual of the masked block (docs/methods.md 1.1)")

@@ -5,24 +5,29 @@ from this one registry, so a comparison runs each one the same way. Each
 entry builds its explainer (`MethodSpec.build`); a new method is its
 module plus one entry here (a test keeps this table equal to the registry):
 
-=================  =================================================================  ===============
-name               what                                                               map
-=================  =================================================================  ===============
-reciprocam         ViT-ReciproCAM as its authors' repository runs it: block -2,       (B, 1, h, w)
-                   unmasked residual, 3x3 gaussian kernel, softmax
-reciprocam-fast    ViT-ReciproCAM at the last block, masked normalised residual       (B, 1, h, w)
-                   (OpenVINO Training Extensions 1.x): about one extra forward pass
-reciprocam-input   ViT-ReciproCAM at the last block, masked block input as residual,  (B, 1, h, w)
-                   raw logits (OpenVINO XAI 1.1)
-reciprocam-dirac   ViT-ReciproCAM as ``reciprocam``, one cell per copy                (B, 1, h, w)
-agcam              AttentionGuidedGradCAM, every block                                (B, 1, h, w)
-rollout            AttentionRollout (class-agnostic)                                  (B, 1, h, w)
-grad-rollout       GradientRollout                                                    (B, 1, h, w)
-relevance          TransformerAttribution (Chefer et al. LRP)                         (B, 1, h, w)
-ig                 Captum IntegratedGradients, abs of the sum over channels           (B, 1, H, W)
-layergradcam       Captum LayerGradCam, last block's norm1                            (B, 1, h, w)
-random             uniform noise: a control, not an explainer                         (B, 1, h, w)
-=================  =================================================================  ===============
+========================  =================================================================  ===============
+name                      what                                                               map
+========================  =================================================================  ===============
+reciprocam                ViT-ReciproCAM, the setting chosen by leave-one-model-out on the   (B, 1, h, w)
+                          known-evidence zoo (docs/evidence.md): block -3, one cell per
+                          copy (dirac), masked block input as residual, raw logits
+reciprocam-authors        ViT-ReciproCAM as its authors' repository runs it: block -2,       (B, 1, h, w)
+                          unmasked residual, 3x3 gaussian kernel, softmax
+reciprocam-fast           ViT-ReciproCAM at the last block, masked normalised residual       (B, 1, h, w)
+                          (OpenVINO Training Extensions 1.x): about one extra forward pass
+reciprocam-input          ViT-ReciproCAM at the last block, masked block input as residual,  (B, 1, h, w)
+                          raw logits (OpenVINO XAI 1.1)
+reciprocam-input-dirac    ``reciprocam-input`` with one cell per copy (dirac): the last-     (B, 1, h, w)
+                          block setting chosen by leave-one-model-out
+reciprocam-dirac          ViT-ReciproCAM as ``reciprocam-authors``, one cell per copy        (B, 1, h, w)
+agcam                     AttentionGuidedGradCAM, every block                                (B, 1, h, w)
+rollout                   AttentionRollout (class-agnostic)                                  (B, 1, h, w)
+grad-rollout              GradientRollout                                                    (B, 1, h, w)
+relevance                 TransformerAttribution (Chefer et al. LRP)                         (B, 1, h, w)
+ig                        Captum IntegratedGradients, abs of the sum over channels           (B, 1, H, W)
+layergradcam              Captum LayerGradCam, last block's norm1                            (B, 1, h, w)
+random                    uniform noise: a control, not an explainer                         (B, 1, h, w)
+========================  =================================================================  ===============
 """
 
 from __future__ import annotations
@@ -96,13 +101,15 @@ class MethodSpec:
 class MethodExplainer:
     """``explain(inputs, target) -> maps`` for one registry method, with its identity.
 
-    ``identity`` names the method and every option that changes its maps;
+    ``options`` are the options that change its maps (the entry's and the
+    caller's); ``identity`` names the method and each of them;
     `captum_vit.metrics.evaluate_adcc` writes it to checkpoint manifests.
     """
 
     def __init__(self, spec: MethodSpec, fn: ExplainFn, options: Dict[str, Any]) -> None:
         self.spec = spec
         self.fn = fn
+        self.options = dict(options)
         self.identity = spec.name + "".join(f" {k}={v!r}" for k, v in sorted(options.items()))
 
     @property
@@ -187,12 +194,18 @@ def _random_control(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
 
 
 _SPECS = (
-    MethodSpec("reciprocam", "ViT-ReciproCAM", reciprocam_builder(-2, residual="unmasked")),
+    # chosen by leave-one-model-out on the known-evidence zoo (docs/evidence.md, specification 5b)
+    MethodSpec("reciprocam", "ViT-ReciproCAM",
+               reciprocam_builder(-3, kernel="dirac", residual="input", scores="logits")),
+    MethodSpec("reciprocam-authors", "ViT-ReciproCAM (authors)",
+               reciprocam_builder(-2, residual="unmasked")),
     MethodSpec("reciprocam-fast", "ViT-ReciproCAM (last block)",
                reciprocam_builder(-1, residual="normalized")),
     MethodSpec("reciprocam-input", "ViT-ReciproCAM (last block, input residual, logits)",
                reciprocam_builder(-1, residual="input", scores="logits")),
-    MethodSpec("reciprocam-dirac", "ViT-ReciproCAM (dirac)",
+    MethodSpec("reciprocam-input-dirac", "ViT-ReciproCAM (last block, dirac, input residual, logits)",
+               reciprocam_builder(-1, kernel="dirac", residual="input", scores="logits")),
+    MethodSpec("reciprocam-dirac", "ViT-ReciproCAM (authors', dirac)",
                reciprocam_builder(-2, residual="unmasked", kernel="dirac")),
     MethodSpec("agcam", "AGCAM", attention_builder(AttentionGuidedGradCAM)),
     MethodSpec("rollout", "Attention Rollout", attention_builder(AttentionRollout), class_specific=False),

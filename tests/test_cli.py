@@ -30,8 +30,14 @@ def test_explain_writes_overlays_and_maps(sample, tmp_path, capsys):
     assert "class cat (3)" in printed
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 2 and "cat_class3.png" in pngs
-    maps = np.load(out / "cat_reciprocam_class3.npy")  # raw softmax scores, not stretched to [0, 1]
-    assert maps.shape == (14, 14) and 0 < maps.min() < maps.max() < 1 and maps.max() - maps.min() < 0.5
+    maps = np.load(out / "cat_reciprocam_class3.npy")  # the raw scores (logits), not stretched to [0, 1]
+    from captum_vit.methods import explainer
+    from captum_vit.models import default_model
+
+    loaded = default_model()
+    raw = explainer("reciprocam", loaded.forward, normalize=False)(loaded.preprocess(str(sample)), torch.tensor([3]))
+    assert maps.shape == (14, 14) and maps.max() > maps.min()
+    np.testing.assert_allclose(maps, raw[0, 0].numpy(), rtol=1e-5, atol=1e-5)
     assert cli.main(["explain", str(sample), "--target", "DOG", "--out", str(out)]) == 0
     assert (out / "cat_reciprocam_class5.npy").exists()
 

@@ -129,7 +129,7 @@ def _evidence_setup():
     torch.manual_seed(0)
     model = randomize(VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=6))
     backgrounds = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return model, backgrounds, dict(methods=["reciprocam", "random"], n=5, batch_size=2, progress=False)
+    return model, backgrounds, dict(methods=["reciprocam-authors", "random"], n=5, batch_size=2, progress=False)
 
 
 def _evidence_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -154,7 +154,7 @@ def test_known_evidence_on_two_gloo_processes_gives_the_single_process_result(tm
     for rank in range(2):
         merged = torch.load(tmp_path / f"rank{rank}.pt")
         assert list(merged) == list(single)
-        assert set(single) == {"reciprocam", "random"}  # both ran: none was refused
+        assert set(single) == {"reciprocam-authors", "random"}  # both ran: none was refused
         for method, metrics in single.items():
             assert list(merged[method]) == list(metrics)
             for name, value in metrics.items():  # 3 batches over 2 ranks, the random control included

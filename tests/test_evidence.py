@@ -135,7 +135,7 @@ def test_known_evidence_evaluation_scores_every_metric_and_does_not_depend_on_ba
     from captum_vit.metrics import KNOWN_EVIDENCE_METRICS, evaluate_known_evidence
 
     model = _tiny_canvas_vit()
-    methods = ["reciprocam", "rollout", "random"]
+    methods = ["reciprocam-authors", "rollout", "random"]  # the default's block -3: deeper than this model
     a = evaluate_known_evidence(model, methods, BACKGROUNDS, n=4, batch_size=2, progress=False)
     b = evaluate_known_evidence(model, methods, BACKGROUNDS, n=4, batch_size=4, progress=False)
     assert a.stages == ["head", "block 1", "block 0", "patch embedding"]
@@ -144,7 +144,7 @@ def test_known_evidence_evaluation_scores_every_metric_and_does_not_depend_on_ba
     for m in methods:
         for k, v in a.values[m].items():
             assert v.shape == (4,) and torch.isfinite(v).all(), (m, k)
-    for m in ("reciprocam", "rollout"):  # deterministic methods: the batch is only a unit of work
+    for m in ("reciprocam-authors", "rollout"):  # deterministic methods: the batch is only a unit of work
         for k in expected:
             torch.testing.assert_close(a.values[m][k], b.values[m][k], rtol=1e-5, atol=1e-5)
     # rollout reads attention only, so a new head leaves its map exactly as it was

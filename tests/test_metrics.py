@@ -236,8 +236,8 @@ def test_a_checkpoint_directory_refuses_another_run(tmp_path):
     by_two = [(images[i : i + 2], labels[i : i + 2]) for i in (0, 2)]
     _checkpoint_run(model, by_two, tmp_path)
     manifest = (tmp_path / "manifest.json").read_text()
-    assert '"method": "reciprocam block=-2' in manifest and '"batch_size": 2' in manifest
-    with pytest.raises(CheckpointMismatchError, match="method is \"reciprocam block=-2 .*\" there but 'agcam .*' now"):
+    assert '"method": "reciprocam block=-3' in manifest and '"batch_size": 2' in manifest
+    with pytest.raises(CheckpointMismatchError, match="method is \"reciprocam block=-3 .*\" there but 'agcam .*' now"):
         _checkpoint_run(model, by_two, tmp_path, method="agcam")
     with pytest.raises(CheckpointMismatchError, match="num_batches is 2 there but 1 now"):
         _checkpoint_run(model, [(images, labels)], tmp_path)

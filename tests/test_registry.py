@@ -41,7 +41,10 @@ def test_every_entry_builds_and_explains(name):
 def test_identities_name_the_options_that_change_maps():
     model, _ = make_model("vit_reg4")
     default = methods.explainer("reciprocam", model).identity
-    assert "block=-2" in default and "residual='unmasked'" in default
+    assert "block=-3" in default and "kernel='dirac'" in default and "residual='input'" in default
+    assert "scores='logits'" in default
+    authors = methods.explainer("reciprocam-authors", model).identity
+    assert "block=-2" in authors and "residual='unmasked'" in authors
     assert methods.explainer("reciprocam", model, normalize=False).identity != default
     assert "block=-1" in methods.explainer("reciprocam-fast", model).identity
 

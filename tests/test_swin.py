@@ -98,8 +98,9 @@ def test_layer_gradcam_reads_each_stage_grid(library):
 def test_registry_builds_reciprocam_and_refuses_attention_methods_by_name():
     model, _ = timm_swin(64)
     x = image(64, 64)
-    maps = explainer("reciprocam", model)(x, torch.tensor([1]))
+    maps = explainer("reciprocam-authors", model)(x, torch.tensor([1]))  # block -2
     assert maps.shape == (1, 1, 4, 4)
+    assert explainer("reciprocam", model)(x, torch.tensor([1])).shape == (1, 1, 8, 8)  # block -3: an earlier stage
     assert explainer("layergradcam", model)(x, torch.tensor([1])).shape == (1, 1, 4, 4)
     for name in ("agcam", "rollout", "grad-rollout", "relevance"):
         with pytest.raises(UnsupportedModelError, match="windows.*Use LayerReciproCAM"):
