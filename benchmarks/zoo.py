@@ -365,9 +365,10 @@ GRID_CONFIDENCE = {"default": 0.9, "objects": 0.5}
 
 
 def grid_pointing(data: str, n: int) -> None:
-    """The grid pointing game (2x2) on the embedded DeiT-Tiny (CIFAR-10 test pictures) and on the
-    objects models (four test pictures at their native 32 px fill the 64 px input; a picture enters a grid
-    when the model classifies it confidently pasted on a canvas, as it was trained to see one)."""
+    """The grid pointing game (2x2) on the embedded DeiT-Tiny (CIFAR-10 test pictures), on the marks models
+    (four single-mark canvases, each shrunk to a quarter) and on the objects models (four test pictures at
+    their native 32 px fill the 64 px input; a picture enters a grid when the model classifies it
+    confidently pasted on a canvas, as it was trained to see one)."""
     from captum_vit.metrics import PointingGrids, confident_indices, evaluate_grid_pointing
     from captum_vit.models import CIFAR10_MEAN, CIFAR10_STD, default_model
 
@@ -379,7 +380,12 @@ def grid_pointing(data: str, n: int) -> None:
     unbuilt: List[dict] = []
     models: List[Tuple[str, object, PointingGrids]] = [
         ("default (DeiT-Tiny, CIFAR-10, 32x32 input)", forward, _grids(normalised, labels, keep, n))]
+    marks = make_canvases(evidence_backgrounds(data, "test", 1000), "single", 400, seed=5)
     for name, spec in EVIDENCE_MODELS.items():
+        if spec.task == "marks":  # four single-mark canvases of four colours, each shrunk to a quarter
+            model, mark_labels = load_evidence_model(name), marks.labels.argmax(1)
+            keep = confident_indices(model, marks.images, mark_labels, GRID_CONFIDENCE["default"])
+            models.append((name, model, _grids(marks.images, mark_labels, keep, n)))
         if spec.task == "objects":
             model = load_evidence_model(name)
             textures = [make_object_canvases(pictures[i:i + 1], labels[i:i + 1], pictures[:1], 1, seed=i,
@@ -420,8 +426,10 @@ def grid_section() -> List[str]:
              ">= 0.9 on its own (>= 0.5 for the objects models, which are never 0.9 sure)",
              "(`captum_vit.metrics.make_pointing_grids`); the map of each cell's class should",
              "sit in that cell (chance 0.25). The embedded DeiT-Tiny sees each picture at a quarter of its 32 px",
-             "input; the objects models see four pictures at their native 32 px, filling the 64 px input (a",
-             "picture counts as confident when the model classifies it so pasted on a texture canvas). A grid is",
+             "input; the marks models see four single-mark canvases of four colours, each shrunk to a quarter",
+             "(the mark to 5x5 px, less than a patch); the objects models see four pictures at their native",
+             "32 px, filling the 64 px input (a picture counts as confident when the model classifies it so",
+             "pasted on a texture canvas). A grid is",
              "scored only when every cell's class is among the model's top four on it. Command:",
              "`python benchmarks/zoo.py --data cifar10_jpeg.npz --grid-pointing`.", ""]
     for row in rows:
