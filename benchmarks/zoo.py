@@ -227,12 +227,12 @@ def lomo_table(reports: List[dict], names: List[str], reference: str) -> Tuple[L
 
 
 def zoo_table(reports: List[dict]) -> List[str]:
-    lines = ["| model | task | blocks | width | prefix tokens | label smoothing, steps | held-out accuracy | "
+    lines = ["| model | task | blocks | width | prefix tokens | label smoothing, steps | accuracy on these canvases | "
              "median top probability | canvases scored |", "|---|---|---:|---:|---|---|---:|---:|---:|"]
     for r in reports:
         s = r["spec"]
         lines.append(f"| {r['model']} | {s['task']} | {s['depth']} | {s['width']} | {s['prefix']} | "
-                     f"{s['label_smoothing']}, {s['steps']} | {r['accuracy']:.3f} | {r['certainty']:.5f} | {r['n']} |")
+                     f"{s['label_smoothing']}, {s['steps']} | {r['accuracy']:.3f} | {r['certainty']:.7f} | {r['n']} |")
     return lines
 
 
