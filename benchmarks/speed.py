@@ -3,7 +3,7 @@
     python benchmarks/speed.py --model deit_small_patch16_224 --batch 8 --device cpu
     python benchmarks/speed.py --model deit_base_patch16_224 --batch 64 --device cuda --dtype bfloat16
     python benchmarks/speed.py --model swin_tiny_patch4_window7_224 --batch 4 --block 9 \
-        --methods forward,reciprocam,reciprocam-general,layergradcam
+        --methods forward,reciprocam-authors,reciprocam-general,layergradcam
 
 Each method is timed alternately with a plain forward pass of the same batch
 (forward, method, forward, method, ...), and its multiple of the forward is
