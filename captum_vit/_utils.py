@@ -76,6 +76,12 @@ class PreparedInputs:
         return (result,) if self.is_tuple else result
 
 
+def module_of(forward_func: Any) -> Optional[nn.Module]:
+    """The module behind ``forward_func``: itself, the module a bound method belongs to, or ``None``."""
+    owner = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
 def _per_example(value: Any, batch: int) -> bool:
     return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch
 

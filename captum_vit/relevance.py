@@ -17,7 +17,15 @@ from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
 from ._attention import AttentionExplainer, AttentionRecorder
-from ._utils import TensorOrTuple, agreement_tolerance, check_choice, compute_dtype, prepare_inputs, relative_error
+from ._utils import (
+    TensorOrTuple,
+    agreement_tolerance,
+    check_choice,
+    compute_dtype,
+    module_of,
+    prepare_inputs,
+    relative_error,
+)
 from .adapters import LRPBlock, LRPHead, SupportsLRP, UnsupportedModelError, merge_heads, split_heads
 
 
@@ -236,7 +244,7 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
     def _twin(self, dtype: torch.dtype) -> Tuple[Any, nn.Module]:
         """A copy of ``forward_func`` (and of the ViT in it) in ``dtype``; the user's model is never touched."""
         forward_func = self.forward_func  # type: ignore[attr-defined]
-        owner = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
+        owner = module_of(forward_func)
         if not isinstance(owner, nn.Module) or not any(m is self.adapter.model for m in owner.modules()):
             raise UnsupportedModelError(
                 f"TransformerAttribution computes its maps in {str(dtype).replace('torch.', '')} on a copy of the "

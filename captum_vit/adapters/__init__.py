@@ -46,6 +46,7 @@ from .timm_vit import TimmNaFlexViTAdapter, TimmViTAdapter
 from .timm_xcit import TimmXcitAdapter
 from .torchvision_swin import TorchvisionSwinAdapter
 from .torchvision_vit import TorchvisionViTAdapter
+from .._utils import module_of
 
 __all__ = [
     "ADAPTERS", "AttentionMath", "BlockView", "Call", "LRPBlock", "LRPHead", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
@@ -110,7 +111,7 @@ def eager_forward_func(forward_func: Callable[..., Any]) -> Callable[..., Any]:
     compiled = _compiled_type()
     if compiled is not None and isinstance(forward_func, compiled):
         forward_func = forward_func._orig_mod
-    root = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
+    root = module_of(forward_func)
     if compiled is not None and isinstance(root, nn.Module):
         for name, sub in root.named_modules():
             if isinstance(sub, compiled):
@@ -123,7 +124,7 @@ def eager_forward_func(forward_func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _owner(forward_func: Any) -> Optional[nn.Module]:
-    owner = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
+    owner = module_of(forward_func)
     return _unwrap(owner) if isinstance(owner, nn.Module) else None
 
 

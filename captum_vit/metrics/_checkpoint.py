@@ -23,6 +23,8 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from .._utils import module_of
+
 MANIFEST = "manifest.json"
 _BATCH_GLOB = "batch_*.pt"
 
@@ -46,7 +48,7 @@ def tensor_digest(*tensors: Optional[Tensor]) -> str:
 
 def model_fingerprint(forward_func: Any) -> str:
     """Digest of the weights of ``forward_func`` (a module, or a bound method of one)."""
-    module = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
+    module = module_of(forward_func)
     if not isinstance(module, nn.Module):
         return f"callable {_qualified_name(forward_func)} (weights not visible)"
     state = module.state_dict()

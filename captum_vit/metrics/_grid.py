@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import forward_logits
+from .._utils import forward_logits, module_of
 from ._evidence import bootstrap_interval
 from ._runner import EvaluationBatch, evaluate
 
@@ -90,11 +90,9 @@ class PointingGrids:
 
 
 def _device_of(forward_func: Any) -> Optional[torch.device]:
-    module = forward_func if isinstance(forward_func, torch.nn.Module) else getattr(forward_func, "__self__", None)
-    if isinstance(module, torch.nn.Module):
-        parameter = next(module.parameters(), None)
-        return parameter.device if parameter is not None else None
-    return None
+    module = module_of(forward_func)
+    parameter = next(module.parameters(), None) if module is not None else None
+    return parameter.device if parameter is not None else None
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from ._checkpoint import CheckpointDirectory, method_identity, model_fingerprint
 from ._distributed import distributed_rank_and_size, from_every_rank
 from ._evidence import bootstrap_interval, cascading_randomization
 from ._registry import ExplainedBatch, MetricSpec, higher_is_better, resolve_metrics
+from .._utils import module_of
 
 Box = Tuple[int, int, int, int]
 Method = Union[str, Callable[[Tensor, Tensor], Tensor]]
@@ -320,7 +321,7 @@ def run_evaluation(
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
     rank, world = distributed_rank_and_size()
     stream = _stream(data, batch_size, num_workers, transform, rank, world)
-    model = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
+    model = module_of(forward_func)
     if device is None and isinstance(model, nn.Module):
         device = next(model.parameters()).device
     named = {m: m for m in methods} if not isinstance(methods, dict) else dict(methods)
