@@ -51,6 +51,7 @@ from captum_vit.evidence import (  # noqa: E402
     EVIDENCE_MODELS,
     cifar_pictures,
     evidence_backgrounds,
+    held_out_data,
     load_evidence_model,
     make_canvases,
     make_object_canvases,
@@ -105,14 +106,15 @@ def registry_settings(model: torch.nn.Module) -> Dict[str, str]:
     return out
 
 
-def held_out_canvases(name: str, data: str, n: int) -> Tuple[KnownEvidenceCanvases, Dict[str, float]]:
+def held_out_canvases(name: str, model: torch.nn.Module, data: str, n: int
+                      ) -> Tuple[KnownEvidenceCanvases, Dict[str, float]]:
     """``n`` held-out canvases of the model's task and the model's accuracy and certainty on them."""
-    spec, model = EVIDENCE_MODELS[name], load_evidence_model(name)
+    spec, pictures = EVIDENCE_MODELS[name], held_out_data(data, EVIDENCE_MODELS[name].task)
     if spec.task == "marks":
-        batch = make_canvases(evidence_backgrounds(data, "test", 1000), "single", n, seed=2024)
+        batch = make_canvases(pictures["backgrounds"], "single", n, seed=2024)
     else:
-        pictures, labels = cifar_pictures(data, "test")
-        batch = make_object_canvases(pictures, labels, cifar_pictures(data, "test", 1000)[0], 4 * n, seed=2024)
+        batch = make_object_canvases(pictures["pictures"], pictures["labels"], pictures["backgrounds"], 4 * n,
+                                     seed=2024)
     canvases = KnownEvidenceCanvases(batch, CANVAS)
     with torch.no_grad():
         probabilities = torch.cat([model(canvases.images[i:i + 100]).softmax(1) for i in range(0, len(batch.images), 100)])
@@ -139,7 +141,7 @@ def per_canvas(explain, canvases: KnownEvidenceCanvases, batch: int = 50) -> Dic
 
 def score_model(name: str, data: str, n: int) -> dict:
     model = load_evidence_model(name)
-    canvases, facts = held_out_canvases(name, data, n)
+    canvases, facts = held_out_canvases(name, model, data, n)
     values, refused = {}, {}
     start = time.perf_counter()
     entries = registry_settings(model)

@@ -150,15 +150,9 @@ def denormalize(images: Tensor) -> Tensor:
 
 
 def evidence_backgrounds(npz: Optional[str] = None, split: str = "train", limit: int = 5000) -> Tensor:
-    """``(M, 3, 32, 32)`` CIFAR-10 pictures in ``[0, 1]`` from the JPEG archive (see `captum_vit.data`)."""
-    import numpy as np
-
-    from .data import CIFAR10JPEG
-
-    dataset = CIFAR10JPEG(npz, split) if npz is not None else CIFAR10JPEG(split=split)
-    step = max(1, len(dataset) // limit)  # the archive is sorted by class: take every step-th
-    pictures = [np.asarray(dataset.image(i), dtype=np.float32) / 255.0 for i in range(0, len(dataset), step)][:limit]
-    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()
+    """``(M, 3, 32, 32)`` CIFAR-10 pictures in ``[0, 1]`` from the JPEG archive (see `captum_vit.data`):
+    `cifar_pictures`, as floats."""
+    return cifar_pictures(npz, split, limit)[0].float() / 255.0
 
 
 

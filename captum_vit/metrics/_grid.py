@@ -65,15 +65,10 @@ class PointingGrids:
     @torch.no_grad()
     def recognised(self, forward_func: Any, batch_size: int = 64) -> Tensor:
         """``(N,)`` bool: every cell's class is among the model's ``g*g`` highest logits on the grid."""
-        device = _device_of(forward_func)
-        found = []
-        for start in range(0, len(self), batch_size):
-            x = self.images[start:start + batch_size]
-            logits = forward_logits(forward_func, (x.to(device) if device is not None else x,)).float().cpu()
-            top = logits.topk(self.cell_targets.shape[1], dim=1).indices
-            wanted = self.cell_targets[start:start + batch_size]
-            found.append((wanted[:, :, None] == top[:, None, :]).any(2).all(1))
-        return torch.cat(found) if found else torch.zeros(0, dtype=torch.bool)
+        if len(self) == 0:
+            return torch.zeros(0, dtype=torch.bool)
+        top = _logits(forward_func, self.images, batch_size).topk(self.cell_targets.shape[1], dim=1).indices
+        return (self.cell_targets[:, :, None] == top[:, None, :]).any(2).all(1)
 
     def batches(self, batch_size: int) -> List[Any]:
         """`EvaluationBatch`es for the runner: ``extra["grid_target"]`` ``(n, g*g)``, ``extra["grid_cells"]``
@@ -89,10 +84,15 @@ class PointingGrids:
         return out
 
 
-def _device_of(forward_func: Any) -> Optional[torch.device]:
+@torch.no_grad()
+def _logits(forward_func: Any, images: Tensor, batch_size: int) -> Tensor:
+    """``(N, K)`` float32 logits on the CPU, ``batch_size`` images at a time on the model's device."""
     module = module_of(forward_func)
     parameter = next(module.parameters(), None) if module is not None else None
-    return parameter.device if parameter is not None else None
+    device = parameter.device if parameter is not None else images.device
+    out = [forward_logits(forward_func, (images[start:start + batch_size].to(device),)).float().cpu()
+           for start in range(0, images.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 @torch.no_grad()
@@ -106,14 +106,10 @@ def confident_indices(forward_func: Any, images: Tensor, labels: Tensor, confide
     """
     if not 0.0 <= confidence < 1.0:
         raise ValueError(f"confidence must be in [0, 1); got {confidence!r}.")
-    device = _device_of(forward_func)
-    keep = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size]
-        probabilities = forward_logits(forward_func, (x.to(device) if device is not None else x,)).float().softmax(1)
-        top, predicted = probabilities.cpu().max(1)
-        keep.append((predicted == labels[start:start + batch_size].long()) & (top >= confidence))
-    return torch.nonzero(torch.cat(keep)).flatten() if keep else torch.zeros(0, dtype=torch.long)
+    if images.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
+    top, predicted = _logits(forward_func, images, batch_size).softmax(1).max(1)
+    return torch.nonzero((predicted == labels.long()) & (top >= confidence)).flatten()
 
 
 def make_pointing_grids(images: Tensor, labels: Tensor, n: int, grid: int = 2, seed: int = 0) -> PointingGrids:
