@@ -17,35 +17,23 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from captum.log import log_usage
 from torch import Tensor, nn
 
 from ._utils import (
     HookSet,
     Targets,
-    TensorOrTuple,
     agreement_tolerance,
-    check_batch_size,
-    compute_dtype,
     forward_logits,
-    output_maps,
-    prepare_inputs,
-    prepare_targets,
     relative_error,
     calling_forward_func,
-    row_chunks,
-    raised_in_forward,
-    user_error_or_none,
 )
+from ._attribution import ViTAttribution
 from .adapters import (
     HEAD_PATCHES_ONLY,
     AttentionMath,
     BlockView,
     UnsupportedModelError,
     ViTAdapter,
-    check_runtime,
-    eager_forward_func,
-    find_adapter,
 )
 
 
@@ -209,7 +197,7 @@ def resolve_blocks(adapter: ViTAdapter, layers: Optional[Sequence[Any]]) -> List
     return sorted(set(indices))
 
 
-class AttentionExplainer:
+class AttentionExplainer(ViTAttribution):
     """Base of the attention-based explainers: owns capture, batching and output.
 
     A subclass sets the class attributes below and implements `combine`,
@@ -220,7 +208,7 @@ class AttentionExplainer:
     #: feed detached inputs to every attention module (AGCAM)
     detach_attention_input = False
     #: the map depends on the target through ``dy/dA``
-    uses_gradients = False
+    needs_gradients = False
     #: query rows of ``S`` that `combine` reads (``None``: all, ``0``: none)
     score_rows: Optional[int] = 0
     #: with ``detach_attention_input``, the rows of ``A`` whose gradient `combine` reads
@@ -242,9 +230,8 @@ class AttentionExplainer:
             vit: the model; needed only when ``forward_func`` is not a module
                 containing it.
         """
-        self.adapter = find_adapter(forward_func, None, vit)
-        super().__init__(eager_forward_func(forward_func))  # the Captum base class that follows in the MRO
-        name = type(self).__name__
+        super().__init__(forward_func, vit)
+        name = self.who
         refusal = self.adapter.attention_refusal()
         if refusal is not None:
             raise UnsupportedModelError(f"{name} is not defined for {type(self.adapter.model).__name__}: {refusal}.")
@@ -302,72 +289,21 @@ class AttentionExplainer:
         """``(n, h*w)`` maps from one forward's recorded attention (and ``dy/dA``)."""
         raise NotImplementedError
 
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    @log_usage(part_of_slo=True)
-    def attribute(
-        self,
-        inputs: TensorOrTuple,
-        target: Any = None,
-        additional_forward_args: Any = None,
-        normalize: bool = True,
-        batch_size: Optional[int] = None,
-    ) -> TensorOrTuple:
-        r"""
-        Args:
-            inputs: ``(B, C, H, W)`` images, or a tuple whose first element
-                is; the output is a tuple then too.
-            target: ``None`` (predicted class), an ``int``, a list of ``B``
-                ints or a ``(B,)`` tensor, or a ``(B, k)`` tensor for ``k``
-                maps per example (one forward pass, one backward pass each).
-                Class-agnostic methods ignore it but for the output shape.
-            additional_forward_args: extra arguments for ``forward_func``.
-            normalize: min-max scale each map to ``[0, 1]`` (default);
-                ``False`` returns the raw values.
-            batch_size: images per forward/backward pass (memory bound);
-                ``None`` takes the whole batch at once.
-
-        Returns:
-            ``(B, 1, h, w)`` float32 maps on the patch grid (``(B, k, h, w)``
-            for a 2-D target).
-        """
-        prepared = prepare_inputs(inputs, additional_forward_args)
-        targets = prepare_targets(target, prepared.batch_size)
-        check_batch_size(batch_size)
-        with self.adapter.explaining():
-            check_runtime(self.adapter, type(self).__name__, needs_gradients=self.uses_gradients)
-            try:
-                chunks = [
-                    self._maps(prepared.forward_args(rows), targets, rows)
-                    for rows in row_chunks(prepared.batch_size, batch_size)
-                ]
-            except Exception as err:
-                if isinstance(err, UnsupportedModelError) or not raised_in_forward(err):
-                    raise
-                own = user_error_or_none(self.forward_func, prepared, type(self).__name__)  # type: ignore[attr-defined]
-                if own is None:
-                    raise
-                raise own from own.__cause__  # the caller's own error, and where it came from
-        dtype = compute_dtype(self.adapter.model, prepared.images.device)
-        return prepared.format(output_maps(torch.cat(chunks), normalize, who=type(self).__name__, dtype=dtype))
-
-    def _maps(self, args: Tuple[Any, ...], targets: Targets, rows: slice) -> Tensor:
+    def chunk_maps(self, args: Tuple[Any, ...], targets: Targets, rows: slice) -> Tensor:
         recorder = AttentionRecorder(
             self.adapter,
             self.views,
             self.other_attention,
             detach_input=self.detach_attention_input,
-            requires_grad=self.uses_gradients,
+            requires_grad=self.needs_gradients,
             score_rows=self.score_rows,
             gradient_rows=self.gradient_rows,
             keep_weights=self.keep_weights,
             record_blocks=self.records_blocks,
         )
-        if self.uses_gradients:  # tensors made under inference_mode cannot enter autograd graphs
+        if self.needs_gradients:  # tensors made under inference_mode cannot enter autograd graphs
             args = tuple(a.clone() if isinstance(a, Tensor) and a.is_inference() else a for a in args)
-        grad_mode = torch.enable_grad() if self.uses_gradients else torch.no_grad()
+        grad_mode = torch.enable_grad() if self.needs_gradients else torch.no_grad()
         with grad_mode:
             with self.adapter.recording_image_size() as size, recorder, calling_forward_func():
                 logits = forward_logits(self.forward_func, args)  # type: ignore[attr-defined]
@@ -375,7 +311,7 @@ class AttentionExplainer:
             P, (h, w) = self.adapter.tokens_layout(weights[0].shape[-1], size.image_hw)
             chosen = targets.resolve(logits.detach(), rows)
             n, k = chosen.shape
-            if not self.uses_gradients:
+            if not self.needs_gradients:
                 return self.combine(scores, weights, None, P).view(n, 1, h, w).expand(n, k, h, w).detach()
             maps = []
             for j in range(k):  # one forward, one backward per target column

@@ -42,7 +42,7 @@ class AttentionGuidedGradCAM(AttentionExplainer, GradientAttribution):
     """
 
     detach_attention_input = True
-    uses_gradients = True
+    needs_gradients = True
     score_rows = 1  # sigma(S) of the class-token row
     gradient_rows = 1  # dy/dA of the class-token row: (n, H, 1, T) per block, not (n, H, T, T)
 

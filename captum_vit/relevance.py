@@ -186,7 +186,7 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
     every block is used (relevance passes through all of them).
     """
 
-    uses_gradients = True
+    needs_gradients = True
     reduces_gradients = True
     records_blocks = True
 

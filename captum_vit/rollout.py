@@ -48,7 +48,7 @@ class GradientRollout(AttentionExplainer, GradientAttribution):
     at the class-token row and the patch columns.
     """
 
-    uses_gradients = True
+    needs_gradients = True
     reduces_gradients = True  # one (n, T, T) per block instead of a (n, H, T, T) gradient
 
     def reduce_gradient(self, slot: int, weights: Tensor, grad: Tensor) -> Tensor:

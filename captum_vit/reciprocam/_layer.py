@@ -19,10 +19,9 @@ from .._utils import (
     output_maps,
     prepare_inputs,
     prepare_targets,
-    raised_in_forward,
-    user_error_or_none,
 )
-from ..adapters import BlockView, UnsupportedModelError, ViTAdapter, check_runtime, eager_forward_func, find_adapter
+from .._attribution import reporting_user_errors
+from ..adapters import BlockView, ViTAdapter, check_runtime, eager_forward_func, find_adapter
 from ._engine import ReciproCAMEngine, ReciproCAMOptions, refuse_user_block_hooks
 
 
@@ -204,15 +203,8 @@ class LayerReciproCAM(LayerAttribution, PerturbationAttribution):
         with torch.no_grad(), self.adapter.explaining():  # the block's hooks are only ours from here on
             check_runtime(self.adapter, "ViT-ReciproCAM", needs_gradients=False)
             refuse_user_block_hooks(self.layer, self.adapter, self.block_index)
-            try:
+            with reporting_user_errors(self.forward_func, prepared, "ViT-ReciproCAM"):
                 return self.engine.raw_maps(prepared, targets, self._probe_grid(prepared), options)
-            except Exception as err:
-                if isinstance(err, UnsupportedModelError) or not raised_in_forward(err):
-                    raise
-                own = user_error_or_none(self.forward_func, prepared, "ViT-ReciproCAM")
-                if own is None:
-                    raise
-                raise own from own.__cause__  # the caller's own error, and where it came from
 
     def _probe_grid(self, prepared: PreparedInputs) -> Tuple[int, int]:
         """The explained block's patch grid for these inputs, from a forward stopped at the image entry."""

@@ -1,0 +1,133 @@
+"""`ViTAttribution`: the one ``attribute()`` that every gradient or attention explainer shares.
+
+A method subclasses it and implements `ViTAttribution.chunk_maps` (the raw
+maps of one chunk of images); finding the adapter, preparing the inputs and
+targets, scoping the hooks, chunking, reporting the caller's own errors as
+theirs, and formatting, normalising and checking the maps are written here
+once. ``ViTAttribution`` comes first in a method's bases and a Captum
+`~captum.attr.Attribution` class after it, so ``forward_func`` and Captum's
+contract come from Captum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from ._utils import (
+    PreparedInputs,
+    Targets,
+    TensorOrTuple,
+    check_batch_size,
+    compute_dtype,
+    output_maps,
+    prepare_inputs,
+    prepare_targets,
+    raised_in_forward,
+    row_chunks,
+    user_error_or_none,
+)
+from .adapters import UnsupportedModelError, ViTAdapter, check_runtime, eager_forward_func, find_adapter
+
+
+@contextlib.contextmanager
+def reporting_user_errors(forward_func: Callable[..., Any], prepared: PreparedInputs, who: str) -> Iterator[None]:
+    """Re-raise an error from inside ``forward_func`` as the caller's own, when it is theirs.
+
+    A wrong extra argument or tuple input fails deep inside the model; when
+    ``forward_func`` raises on one image by itself too, that error is raised
+    instead (with where it came from), so the message names the caller's
+    mistake rather than a hook of ours.
+    """
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, UnsupportedModelError) or not raised_in_forward(err):
+            raise
+        own = user_error_or_none(forward_func, prepared, who)
+        if own is None:
+            raise
+        raise own from own.__cause__
+
+
+class ViTAttribution:
+    """Base of captum_vit's explainers that run one chunk of images at a time.
+
+    Subclasses set `needs_gradients` and implement `chunk_maps`; they may
+    override `flat_hint` (what to try when a map is flat).
+    """
+
+    #: the method differentiates the model (refused under ``torch.inference_mode``)
+    needs_gradients = False
+    #: appended to the flat-map warning
+    flat_hint = ""
+
+    def __init__(self, forward_func: Callable[..., Any], vit: Optional[nn.Module] = None) -> None:
+        self.adapter: ViTAdapter = find_adapter(forward_func, None, vit)
+        super().__init__(eager_forward_func(forward_func))  # the Captum base class that follows in the MRO
+
+    @property
+    def who(self) -> str:
+        """The method's name in messages."""
+        return type(self).__name__
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    def chunk_maps(self, args: tuple, targets: Targets, rows: slice) -> Tensor:
+        """Raw ``(n, k, ...)`` maps of the ``n`` images in ``rows`` (``k`` targets per image).
+
+        Args:
+            args: ``forward_func``'s arguments for these rows.
+            targets: every image's targets; ``targets.resolve(logits, rows)``
+                gives this chunk's ``(n, k)`` classes.
+            rows: the chunk's rows of the whole batch.
+        """
+        raise NotImplementedError
+
+    @log_usage(part_of_slo=True)
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        normalize: bool = True,
+        batch_size: Optional[int] = None,
+    ) -> TensorOrTuple:
+        r"""
+        Args:
+            inputs: ``(B, C, H, W)`` images, or a tuple whose first element
+                is; the output is a tuple then too.
+            target: ``None`` (predicted class), an ``int``, a list of ``B``
+                ints or a ``(B,)`` tensor, or a ``(B, k)`` tensor for ``k``
+                maps per example (one forward pass, one backward pass each).
+                Class-agnostic methods ignore it but for the output shape.
+            additional_forward_args: extra arguments for ``forward_func``.
+            normalize: min-max scale each map to ``[0, 1]`` (default);
+                ``False`` returns the raw values.
+            batch_size: images per forward/backward pass (memory bound);
+                ``None`` takes the whole batch at once.
+
+        Returns:
+            ``(B, 1, h, w)`` float32 maps on the patch grid, or ``(B, 1, H, W)``
+            for a method that maps the input pixels (``(B, k, ...)`` for a
+            2-D target).
+        """
+        prepared = prepare_inputs(inputs, additional_forward_args)
+        targets = prepare_targets(target, prepared.batch_size)
+        check_batch_size(batch_size)
+        with self.adapter.explaining():
+            check_runtime(self.adapter, self.who, needs_gradients=self.needs_gradients)
+            with reporting_user_errors(self.forward_func, prepared, self.who):  # type: ignore[attr-defined]
+                chunks = [
+                    self.chunk_maps(prepared.forward_args(rows), targets, rows)
+                    for rows in row_chunks(prepared.batch_size, batch_size)
+                ]
+        dtype = compute_dtype(self.adapter.model, prepared.images.device)
+        maps = output_maps(torch.cat(chunks), normalize, who=self.who, dtype=dtype, hint=self.flat_hint)
+        return prepared.format(maps)
