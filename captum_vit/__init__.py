@@ -4,8 +4,10 @@ Methods (Captum ``Attribution`` subclasses with ``attribute(inputs, target=...)`
 
 - `LayerReciproCAM`: ViT-ReciproCAM, gradient-free token masking.
 - `AttentionGuidedGradCAM`: AGCAM, sigmoid-guided attention gradients.
-- `AttentionRollout`, `GradientRollout` and
+- `AttentionRollout`, `GradientRollout` (Chefer et al., ICCV 2021) and
   `TransformerAttribution` (Chefer et al.'s LRP relevance): the baselines.
+- `AttnLRP` (Achtibat et al., ICML 2024) and `LeGrad` (Bousselham et al.,
+  ICCV 2025): the field's current methods.
 
 Models: timm ViT/DeiT/NaFlexViT/EVA/BEiT/relative-position ViTs/CaiT/XCiT/PiT, torchvision,
 transformers and open_clip ViTs, timm, torchvision and transformers Swin (ViT-ReciproCAM
@@ -16,6 +18,7 @@ import matplotlib.
 
 from .adapters import UnsupportedModelError
 from .agcam import AttentionGuidedGradCAM
+from .attnlrp import AttnLRP
 from .reciprocam import LayerReciproCAM, reciprocal_masks
 from .relevance import TransformerAttribution
 from .rollout import AttentionRollout, GradientRollout
@@ -23,6 +26,7 @@ from .rollout import AttentionRollout, GradientRollout
 __all__ = [
     "AttentionGuidedGradCAM",
     "AttentionRollout",
+    "AttnLRP",
     "GradientRollout",
     "LayerReciproCAM",
     "reciprocal_masks",

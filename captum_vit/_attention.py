@@ -32,6 +32,7 @@ from .adapters import (
     HEAD_PATCHES_ONLY,
     AttentionMath,
     BlockView,
+    GradientRule,
     UnsupportedModelError,
     ViTAdapter,
 )
@@ -57,6 +58,10 @@ class AttentionRecorder(HookSet):
             gradient is wanted.
         keep_weights: what to keep of each ``A`` (default all of it); must be
             ``A`` itself for gradient methods, whose ``dy/dA`` is taken.
+        record_blocks: record each view's block input and the last view's
+            block output (detached).
+        rule: the backward pass's rule through ``v``, ``S`` and ``A``
+            (`~captum_vit.adapters.GradientRule`; AttnLRP).
 
     After the forward, ``scores[i]`` and ``weights[i]`` hold what was kept of
     ``views[i]``'s scores and weights: ``(B, H, T, T)`` unless reduced.
@@ -73,8 +78,10 @@ class AttentionRecorder(HookSet):
         gradient_rows: int = 1,
         keep_weights: Callable[[Tensor], Tensor] = lambda a: a,
         record_blocks: bool = False,
+        rule: Optional[GradientRule] = None,
     ) -> None:
         super().__init__()
+        self.rule = rule
         self.gradient_rows = gradient_rows
         self.keep_weights = keep_weights
         self.record_blocks = record_blocks
@@ -136,7 +143,8 @@ class AttentionRecorder(HookSet):
             elif self.requires_grad and not x.requires_grad:
                 # nothing upstream needs a gradient; a leaf here keeps every A in the graph
                 x = x.detach().requires_grad_(True)
-            out, scores, weights = math.explicit(x, call, leaf_rows=self.gradient_rows if self.detach_input else None)
+            leaf_rows = self.gradient_rows if self.detach_input else None
+            out, scores, weights = math.explicit(x, call, leaf_rows=leaf_rows, rule=self.rule)
             if not module.training:
                 _check_same_output(self.adapter, view, out, math.unwrap_output(output))
             # keep only what the method reads: a clone of a few rows frees the (B, H, T, T) scores

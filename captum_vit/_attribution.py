@@ -12,7 +12,8 @@ contract come from Captum.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+import copy
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 from captum.log import log_usage
@@ -24,6 +25,7 @@ from ._utils import (
     TensorOrTuple,
     check_batch_size,
     compute_dtype,
+    module_of,
     output_maps,
     prepare_inputs,
     prepare_targets,
@@ -54,6 +56,13 @@ def reporting_user_errors(forward_func: Callable[..., Any], prepared: PreparedIn
         raise own from own.__cause__
 
 
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (alone or in a tuple) in ``dtype``; everything else as it is."""
+    if isinstance(value, tuple):
+        return tuple(cast_floats(v, dtype) for v in value)
+    return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
+
+
 class ViTAttribution:
     """Base of captum_vit's explainers that run one chunk of images at a time.
 
@@ -78,6 +87,26 @@ class ViTAttribution:
     @property
     def multiplies_by_inputs(self) -> bool:
         return False
+
+    def twin(self, dtype: torch.dtype, fallback: str) -> Tuple[Any, nn.Module]:
+        """A copy of ``forward_func`` (and of the ViT in it) in ``dtype``: ``(forward_func, vit)``.
+
+        For methods whose rules need more precision than the model's own; the
+        user's model is never touched. ``fallback`` says, in the refusal for a
+        plain-function ``forward_func``, which option avoids the copy.
+        """
+        forward_func = self.forward_func  # type: ignore[attr-defined]
+        owner = module_of(forward_func)
+        if not isinstance(owner, nn.Module) or not any(m is self.adapter.model for m in owner.modules()):
+            raise UnsupportedModelError(
+                f"{self.who} computes its maps in {str(dtype).replace('torch.', '')} on a copy of the model, and "
+                "forward_func is a plain function, which cannot be copied with the model. Pass the model (or a module "
+                f"around it) as forward_func, or {fallback}."
+            )
+        path = next(name for name, m in owner.named_modules() if m is self.adapter.model)
+        copied = copy.deepcopy(owner).to(dtype)
+        twin = copied if forward_func is owner else getattr(copied, forward_func.__name__)
+        return twin, (copied.get_submodule(path) if path else copied)
 
     def chunk_maps(self, args: tuple, targets: Targets, rows: slice) -> Tensor:
         """Raw ``(n, k, ...)`` maps of the ``n`` images in ``rows`` (``k`` targets per image).

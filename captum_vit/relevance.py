@@ -9,7 +9,6 @@ examples run one by one.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -17,12 +16,12 @@ from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
 from ._attention import AttentionExplainer, AttentionRecorder
+from ._attribution import cast_floats
 from ._utils import (
     TensorOrTuple,
     agreement_tolerance,
     check_choice,
     compute_dtype,
-    module_of,
     prepare_inputs,
     relative_error,
 )
@@ -236,26 +235,11 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
         dtype = self.relevance_dtype(device)
         if compute_dtype(self.adapter.model, device) == dtype:
             return super().attribute(inputs, target, additional_forward_args, normalize, batch_size)
-        twin, vit = self._twin(dtype)
+        twin, vit = self.twin(dtype, fallback="precision='float32' to use the model as it is (its maps then depend "
+                                              "on rounding; see the precision argument)")
         explainer = TransformerAttribution(twin, vit=vit, precision=str(dtype).replace("torch.", ""))
-        return explainer.attribute(_cast_floats(inputs, dtype), target, _cast_floats(additional_forward_args, dtype),
+        return explainer.attribute(cast_floats(inputs, dtype), target, cast_floats(additional_forward_args, dtype),
                                    normalize, batch_size)
-
-    def _twin(self, dtype: torch.dtype) -> Tuple[Any, nn.Module]:
-        """A copy of ``forward_func`` (and of the ViT in it) in ``dtype``; the user's model is never touched."""
-        forward_func = self.forward_func  # type: ignore[attr-defined]
-        owner = module_of(forward_func)
-        if not isinstance(owner, nn.Module) or not any(m is self.adapter.model for m in owner.modules()):
-            raise UnsupportedModelError(
-                f"TransformerAttribution computes its maps in {str(dtype).replace('torch.', '')} on a copy of the "
-                "model, and forward_func is a plain function, which cannot be copied with the model. Pass the model "
-                "(or a module around it) as forward_func, or precision='float32' to use the model as it is (its "
-                "maps then depend on rounding; see the precision argument)."
-            )
-        path = next(name for name, m in owner.named_modules() if m is self.adapter.model)
-        copied = copy.deepcopy(owner).to(dtype)
-        twin = copied if forward_func is owner else getattr(copied, forward_func.__name__)
-        return twin, (copied.get_submodule(path) if path else copied)
 
     def prepare_backward(self, target: Tensor, recorder: AttentionRecorder, P: int) -> None:
         inputs = recorder.block_inputs
@@ -289,13 +273,6 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
         for a_bar in grads[1:]:
             rollout = (a_bar + eye) @ rollout
         return rollout[:, 0, P:]
-
-
-def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors (alone or in a tuple) in ``dtype``; everything else as it is."""
-    if isinstance(value, tuple):
-        return tuple(_cast_floats(v, dtype) for v in value)
-    return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
 
 
 #: the precisions the maps may be computed in

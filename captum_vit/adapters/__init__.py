@@ -23,6 +23,7 @@ from ._base import (
     AttentionMath,
     BlockView,
     Call,
+    GradientRule,
     LRPBlock,
     LRPHead,
     SupportsExport,
@@ -33,6 +34,7 @@ from ._base import (
     split_call,
     split_heads,
 )
+from ._roles import ROLE_ACTIVATION, ROLE_LINEAR, ROLE_NORM, ROLE_WEIGHTED, is_gated_mlp, relevance_role
 from .hf_swin import HFSwinAdapter
 from .hf_transformers import HFViTAdapter
 from .open_clip_vit import OpenClipViTAdapter
@@ -49,9 +51,10 @@ from .torchvision_vit import TorchvisionViTAdapter
 from .._utils import module_of
 
 __all__ = [
-    "ADAPTERS", "AttentionMath", "BlockView", "Call", "LRPBlock", "LRPHead", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
+    "ADAPTERS", "AttentionMath", "BlockView", "Call", "GradientRule", "LRPBlock", "LRPHead", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
     "HEAD_PREFIX_ONLY", "HEAD_UNKNOWN", "SupportsExport", "SupportsLRP", "UnsupportedModelError", "ViTAdapter", "check_runtime",
-    "eager_forward_func", "find_adapter", "merge_heads", "split_call", "split_heads", "supported_families",
+    "eager_forward_func", "find_adapter", "is_gated_mlp", "merge_heads", "relevance_role", "split_call", "split_heads",
+    "supported_families", "ROLE_ACTIVATION", "ROLE_LINEAR", "ROLE_NORM", "ROLE_WEIGHTED",
 ]
 
 #: Every family, most specific first.

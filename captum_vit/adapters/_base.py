@@ -176,7 +176,7 @@ class AttentionMath:
         return self.attention_dropout(scores.softmax(dim=-1)) @ v
 
     def explicit(
-        self, x: Tensor, call: Call, leaf_rows: Optional[int] = None
+        self, x: Tensor, call: Call, leaf_rows: Optional[int] = None, rule: Optional["GradientRule"] = None
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Attention with explicit matrices.
 
@@ -189,6 +189,10 @@ class AttentionMath:
                 upstream requires grad, and only they are kept for it (AGCAM
                 reads the class-token row alone: ``T`` times less memory
                 than a gradient of the whole ``A``).
+            rule: how the backward pass goes through the attention (LRP
+                rules in the gradient x input form): applied to ``v``, to
+                ``S`` before the softmax and to ``A`` before ``A v``; the
+                values are unchanged.
 
         Returns:
             ``(out, S, A)``: the module output ``(B, T, D)``, the pre-softmax
@@ -203,7 +207,11 @@ class AttentionMath:
             bias = self.score_bias(call)
             if bias is not None:
                 scores = scores + bias
+            if rule is not None:
+                v, scores = rule.values(v), rule.scores(scores)
             weights = scores.softmax(dim=-1)
+            if rule is not None:
+                weights = rule.weights(weights)
         if leaf_rows is None:
             out = self.attention_dropout(weights) @ v
             return self.finish(merge_heads(out), x), scores, weights
@@ -214,6 +222,16 @@ class AttentionMath:
             rest = self.attention_dropout(weights[:, :, leaf_rows:]) @ v
         out = torch.cat([self.attention_dropout(leaf) @ v, rest], dim=2)
         return self.finish(merge_heads(out), x), scores, leaf
+
+
+class GradientRule(Protocol):
+    """What the backward pass sees of an attention's ``v``, ``S`` and ``A`` (their values pass unchanged)."""
+
+    def values(self, v: Tensor) -> Tensor: ...
+
+    def scores(self, scores: Tensor) -> Tensor: ...
+
+    def weights(self, weights: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -514,6 +532,6 @@ def lazy_isinstance(module: Any, import_path: str, names: Sequence[str]) -> bool
         lib = importlib.import_module(import_path)
     except Exception:  # noqa: BLE001 - a broken optional library is simply not a match
         return False
-    classes = tuple(getattr(lib, n) for n in names if hasattr(lib, n))
+    classes = tuple(c for c in (getattr(lib, n, None) for n in names) if isinstance(c, type))
     return bool(classes) and isinstance(module, classes)
 
