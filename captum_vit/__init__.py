@@ -19,6 +19,7 @@ import matplotlib.
 from .adapters import UnsupportedModelError
 from .agcam import AttentionGuidedGradCAM
 from .attnlrp import AttnLRP
+from .legrad import LeGrad
 from .reciprocam import LayerReciproCAM, reciprocal_masks
 from .relevance import TransformerAttribution
 from .rollout import AttentionRollout, GradientRollout
@@ -29,6 +30,7 @@ __all__ = [
     "AttnLRP",
     "GradientRollout",
     "LayerReciproCAM",
+    "LeGrad",
     "reciprocal_masks",
     "TransformerAttribution",
     "UnsupportedModelError",
