@@ -29,6 +29,8 @@ CASES = {
     "agcam": "AttentionGuidedGradCAM",
     "rollout": "AttentionRollout",
     "grad-rollout": "GradientRollout",
+    "attnlrp": "AttnLRP (registry defaults: CP-LRP attention, pixel maps)",
+    "legrad": "LeGrad (registry defaults: the last two blocks)",
     "reciprocam": "LayerReciproCAM, block -2 (the authors' setting, registry reciprocam-authors; fast path)",
     "reciprocam-last": "LayerReciproCAM, last block (fast path)",
     "reciprocam-last-bs64": "LayerReciproCAM, last block (fast path, batch_size=64)",
@@ -48,7 +50,7 @@ def _setup(model_name: str, img_size: int, batch: int):
 def _run_case(case: str, model, images) -> None:
     import torch
 
-    from captum_vit import AttentionGuidedGradCAM, AttentionRollout, GradientRollout, LayerReciproCAM
+    from captum_vit import AttentionGuidedGradCAM, AttentionRollout, AttnLRP, GradientRollout, LayerReciproCAM, LeGrad
 
     if case == "forward":
         with torch.no_grad():
@@ -62,6 +64,10 @@ def _run_case(case: str, model, images) -> None:
         AttentionRollout(model).attribute(images)
     elif case == "grad-rollout":
         GradientRollout(model).attribute(images, target=0)
+    elif case == "attnlrp":
+        AttnLRP(model).attribute(images, target=0)
+    elif case == "legrad":
+        LeGrad(model).attribute(images, target=0)
     elif case.startswith("reciprocam"):
         batch_size = 64 if case.endswith("bs64") else None
         block, residual = (-1, "normalized") if "last" in case else (-2, "unmasked")  # the registry's two settings

@@ -38,7 +38,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -139,13 +139,16 @@ def per_canvas(explain, canvases: KnownEvidenceCanvases, batch: int = 50) -> Dic
             "constant": (flat.max(1).values - flat.min(1).values <= 0).float().tolist()}
 
 
-def score_model(name: str, data: str, n: int) -> dict:
+def score_model(name: str, data: str, n: int, only: Optional[List[str]] = None) -> dict:
+    """Every candidate's per-canvas values on model ``name``; with ``only``, those registry methods alone."""
     model = load_evidence_model(name)
     canvases, facts = held_out_canvases(name, model, data, n)
     values, refused = {}, {}
     start = time.perf_counter()
     entries = registry_settings(model)
     candidates = [(m, {}) for m in METHODS if m not in entries] + [(setting_name(s), s) for s in settings()]
+    if only is not None:
+        candidates = [(m, {}) for m in only]
     for candidate, options in candidates:
         method = "reciprocam" if options else candidate
         try:
@@ -462,6 +465,8 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="with --tables: only check docs/evidence.md")
     parser.add_argument("--grid-pointing", action="store_true", help="the grid pointing game")
     parser.add_argument("--grids", type=int, default=100, help="grids per model for --grid-pointing")
+    parser.add_argument("--methods", default=None,
+                        help="comma list of registry methods: score only these and add them to the saved results")
     args = parser.parse_args()
     if args.tables:
         return write_tables(args.check)
@@ -472,8 +477,16 @@ def main() -> int:
         grid_pointing(args.data, args.grids)
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
+    only = args.methods.split(",") if args.methods else None
     for name in [args.model] if args.model else list(EVIDENCE_MODELS):
-        report = score_model(name, args.data, args.canvases)
+        report = score_model(name, args.data, args.canvases, only)
+        if only is not None and (RESULTS / f"{name}.json").exists():  # the other methods' values stay as measured
+            saved = json.loads((RESULTS / f"{name}.json").read_text())
+            for key in ("values", "refused"):
+                saved[key] = {k: v for k, v in saved[key].items() if k not in only} | report[key]
+            saved["added"] = saved.get("added", []) + [{"methods": only, "seconds": report["seconds"],
+                                                        "command": report["command"]}]
+            report = saved
         (RESULTS / f"{name}.json").write_text(json.dumps(report))
         print(f"{name}: {report['n']} canvases in {report['seconds']:.0f} s -> {RESULTS / name}.json", flush=True)
     return 0

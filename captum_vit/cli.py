@@ -178,7 +178,7 @@ def _read_images(paths: Sequence[Path], preprocess: Callable) -> Tuple[List[Tupl
 
 #: the CLI options of ViT-ReciproCAM's entries and of the attention methods, as registry options
 RECIPROCAM_FLAGS = ("block", "kernel", "residual", "scores")
-LAYER_METHODS = ("agcam", "rollout", "grad-rollout")
+LAYER_METHODS = ("agcam", "rollout", "grad-rollout", "legrad")
 
 
 def method_options(args: argparse.Namespace, methods: Sequence[str]) -> Dict[str, Dict[str, Any]]:

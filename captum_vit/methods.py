@@ -22,8 +22,11 @@ reciprocam-input-dirac    ``reciprocam-input`` with one cell per copy (dirac): t
 reciprocam-dirac          ViT-ReciproCAM as ``reciprocam-authors``, one cell per copy        (B, 1, h, w)
 agcam                     AttentionGuidedGradCAM, every block                                (B, 1, h, w)
 rollout                   AttentionRollout (class-agnostic)                                  (B, 1, h, w)
-grad-rollout              GradientRollout                                                    (B, 1, h, w)
+grad-rollout              GradientRollout: Chefer et al., ICCV 2021 (their Eq. 5-6)          (B, 1, h, w)
 relevance                 TransformerAttribution (Chefer et al. LRP)                         (B, 1, h, w)
+attnlrp                   AttnLRP as LXT runs a ViT (CP-LRP attention, gamma 0.25 / 0.05),   (B, 1, H, W)
+                          signed pixel relevance
+legrad                    LeGrad as its authors' code: the last two blocks, token mean       (B, 1, h, w)
 ig                        Captum IntegratedGradients, abs of the sum over channels           (B, 1, H, W)
 layergradcam              Captum LayerGradCam, last block's norm1                            (B, 1, h, w)
 random                    uniform noise: a control, not an explainer                         (B, 1, h, w)
@@ -41,7 +44,9 @@ from torch import Tensor, nn
 
 from .adapters import UnsupportedModelError, find_adapter
 from .agcam import AttentionGuidedGradCAM
+from .attnlrp import AttnLRP
 from .baselines import integrated_gradients_map, vit_layer_gradcam
+from .legrad import LeGrad
 from .reciprocam import LayerReciproCAM
 from .relevance import TransformerAttribution
 from .rollout import AttentionRollout, GradientRollout
@@ -167,6 +172,23 @@ def attention_builder(cls: Type[Any]) -> Builder:
     return build
 
 
+ATTNLRP_OPTIONS = ("attention_rule", "linear_gamma", "conv_gamma", "space")
+
+
+def _attnlrp(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
+    context.refuse_options("AttnLRP", ATTNLRP_OPTIONS)
+    method = AttnLRP(context.forward_func, vit=context.vit, **context.options)
+    kw = dict(normalize=context.normalize, batch_size=context.batch_size)
+    return (lambda x, t: method.attribute(x, target=t, **kw)), {"normalize": context.normalize, **context.options}
+
+
+def _legrad(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
+    context.refuse_options("LeGrad", ("layers", "pooling"))
+    method = LeGrad(context.forward_func, vit=context.vit, **context.options)
+    kw = dict(normalize=context.normalize, batch_size=context.batch_size)
+    return (lambda x, t: method.attribute(x, target=t, **kw)), {"normalize": context.normalize, **context.options}
+
+
 def _integrated_gradients(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
     context.refuse_options("IntegratedGradients")
     ig = IntegratedGradients(context.forward_func)
@@ -209,8 +231,10 @@ _SPECS = (
                reciprocam_builder(-2, residual="unmasked", kernel="dirac")),
     MethodSpec("agcam", "AGCAM", attention_builder(AttentionGuidedGradCAM)),
     MethodSpec("rollout", "Attention Rollout", attention_builder(AttentionRollout), class_specific=False),
-    MethodSpec("grad-rollout", "Gradient Rollout", attention_builder(GradientRollout)),
+    MethodSpec("grad-rollout", "Gradient Rollout (Chefer et al., ICCV 2021)", attention_builder(GradientRollout)),
     MethodSpec("relevance", "Relevance (Chefer LRP)", attention_builder(TransformerAttribution)),
+    MethodSpec("attnlrp", "AttnLRP", _attnlrp),
+    MethodSpec("legrad", "LeGrad", _legrad),
     MethodSpec("ig", "Integrated Gradients", _integrated_gradients),
     MethodSpec("layergradcam", "LayerGradCam", _layer_gradcam),
     MethodSpec("random", "random control", _random_control, class_specific=False, control=True, seeded=True),
@@ -250,8 +274,10 @@ def explainer(
             (their ``attribute(normalize=...)``); ``False`` gives raw scores.
         options: the method's own options, overriding the entry's: ``block``,
             ``kernel``, ``residual``, ``scores``, ``keep_prefix_tokens`` for
-            ViT-ReciproCAM; ``layers`` for AGCAM and the rollouts. An option
-            the method does not take is refused.
+            ViT-ReciproCAM; ``layers`` for AGCAM, the rollouts and LeGrad
+            (and LeGrad's ``pooling``); ``attention_rule``, ``linear_gamma``,
+            ``conv_gamma``, ``space`` for AttnLRP. An option the method does
+            not take is refused.
 
     The returned function gives unnormalised maps for Captum's baselines and
     the random control, and maps scaled as ``normalize`` says for the rest,
