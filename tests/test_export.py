@@ -111,3 +111,36 @@ def test_openvino_converts_it_and_gives_the_eager_maps_in_f32(name):
     logits, maps = compiled({0: images.numpy()}).values()
     torch.testing.assert_close(torch.from_numpy(maps), _reference(model, images), **TOL)
     torch.testing.assert_close(torch.from_numpy(logits), model(images).detach(), **TOL)
+
+
+def _batches(name):
+    """Examples of two sizes: the graph is exported at 2 (torch.export specialises a batch of 1) and run at 3."""
+    model, images = make_model(name)
+    more = torch.cat([images, images[:1].flip(-1)])
+    return model, images, more
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_exported_at_one_batch_runs_at_another(name, tmp_path):
+    """A served model takes any batch: nothing in the graph reads the batch size as a Python number."""
+    model, images, more = _batches(name)
+    explained = ExplainedViT(model, image_size=tuple(images.shape[-2:]), normalize=False).eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(explained, (images,), dynamic_shapes={"images": {0: batch}})
+    logits, maps = program.module()(more)
+    torch.testing.assert_close(maps, _reference(model, more), **TOL)
+    torch.testing.assert_close(logits, model(more), **TOL)
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(explained, (images,), str(path), dynamo=True, input_names=["images"],
+                      output_names=["logits", "maps"], dynamic_shapes={"images": {0: batch}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    _, maps = session.run(None, {"images": more.numpy()})
+    torch.testing.assert_close(torch.from_numpy(maps), _reference(model, more), **TOL)
+    ov = pytest.importorskip("openvino")
+    converted = ov.convert_model(explained, example_input=(images[:1],))  # the reported case: converted at 1
+    compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for x in (more, torch.cat([images, images])):
+        _, maps = compiled({0: x.numpy()}).values()
+        torch.testing.assert_close(torch.from_numpy(maps), _reference(model, x), **TOL)

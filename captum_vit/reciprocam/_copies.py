@@ -90,16 +90,28 @@ class SharedProjections:
 
     def rows(self, image: int, masks: Tensor, level_index: Tensor, query_rows: Tensor) -> Tensor:
         """``(c, r, D)``: the module's output at rows ``query_rows[j]`` (``(c, r)``) of each copy ``z[image] * masks[j]``."""
+        return self.rows_of(slice(image, image + 1), masks, level_index, query_rows)[0]
+
+    def rows_of(self, images: slice, masks: Tensor, level_index: Tensor, query_rows: Tensor) -> Tensor:
+        """``(n, c, r, D)``: as `rows`, for every image in ``images`` at once.
+
+        Nothing here reads the number of images as a Python number, so an
+        exported graph takes any batch.
+        """
         T, V = self.k.shape[1:3]
         few = query_rows.shape[1] * V <= T // 2  # scoring every level costs less than gathering keys and values
-        out = (self._scored if few else self._gathered)(image, level_index, query_rows)
+        out = (self._scored if few else self._gathered)(images, level_index, query_rows)  # (n, c, H, r, d)
         module_input = None
         if self.math.finish_reads_input:
-            module_input = self.z[image][query_rows] * masks.gather(1, query_rows)[..., None]
-        return self.math.finish(merge_heads(out), module_input)
+            module_input = self.z[images][:, query_rows] * masks.gather(1, query_rows)[None, ..., None]
+            module_input = module_input.flatten(0, 1)
+        merged = merge_heads(out.flatten(0, 1))  # (n * c, r, H * d)
+        finished = self.math.finish(merged, module_input)
+        return finished.unflatten(0, out.shape[:2])
 
-    def _queries(self, image: int, level_index: Tensor, query_rows: Tensor) -> Tensor:
-        return self.q[image][query_rows, level_index.gather(1, query_rows)].transpose(1, 2)  # (c, H, r, d)
+    def _queries(self, images: slice, level_index: Tensor, query_rows: Tensor) -> Tensor:
+        """``(n, c, H, r, d)``: each copy's queries at its rows."""
+        return self.q[images][:, query_rows, level_index.gather(1, query_rows)].transpose(2, 3)
 
     def _row_bias(self, query_rows: Tensor) -> Optional[Tensor]:
         """The score bias at each copy's query rows: ``(c, H, r, T)`` (or ``None``)."""
@@ -108,32 +120,35 @@ class SharedProjections:
         bias = self.bias.reshape(-1, *self.bias.shape[-2:])  # (H or 1, T, T)
         return bias[:, query_rows].transpose(0, 1)
 
-    def _gathered(self, image: int, level_index: Tensor, query_rows: Tensor) -> Tensor:
-        """Each copy's own keys and values, fused attention: ``(c, H, r, d)``."""
+    def _gathered(self, images: slice, level_index: Tensor, query_rows: Tensor) -> Tensor:
+        """Each copy's own keys and values, fused attention: ``(n, c, H, r, d)``."""
         c, T = level_index.shape
         token = torch.arange(T, device=level_index.device).expand(c, T)
-        k = self.k[image][token, level_index].transpose(1, 2)
-        v = self.v[image][token, level_index].transpose(1, 2)
-        return self.math.attend(self._queries(image, level_index, query_rows), k, v, self._row_bias(query_rows))
+        k = self.k[images][:, token, level_index].transpose(2, 3)  # (n, c, H, T, d)
+        v = self.v[images][:, token, level_index].transpose(2, 3)
+        q = self._queries(images, level_index, query_rows)
+        bias = self._row_bias(query_rows)
+        out = self.math.attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                               None if bias is None else bias.repeat(q.shape[0], 1, 1, 1))
+        return out.unflatten(0, q.shape[:2])
 
-    def _scored(self, image: int, level_index: Tensor, query_rows: Tensor) -> Tensor:
-        """Scores against the keys of every level, each copy's picked by a gather: ``(c, H, r, d)``."""
+    def _scored(self, images: slice, level_index: Tensor, query_rows: Tensor) -> Tensor:
+        """Scores against the keys of every level, each copy's picked by a gather: ``(n, c, H, r, d)``."""
         c, T = level_index.shape
         _, _, V, H, d = self.k.shape
-        q = self._queries(image, level_index, query_rows) * self.math.scale
-        keys = self.k[image].reshape(T * V, H, d)
-        every = torch.einsum("chrd,khd->chrk", q, keys)  # (c, H, r, T * V): token t at level l is column t*V + l
+        q = self._queries(images, level_index, query_rows) * self.math.scale  # (n, c, H, r, d)
+        keys = self.k[images].flatten(1, 2)  # (n, T * V, H, d)
+        every = torch.einsum("nchrd,nkhd->nchrk", q, keys)  # token t at level l is column t*V + l
         column = torch.arange(T, device=level_index.device) * V + level_index  # (c, T)
-        scores = every.gather(3, column[:, None, None].expand(c, H, q.shape[2], T))
+        index = column[None, :, None, None].expand(q.shape[0], c, H, q.shape[3], T)
+        scores = every.gather(4, index)
         bias = self._row_bias(query_rows)
         weights = self.math.attention_dropout((scores if bias is None else scores + bias).softmax(dim=-1))
-        r = weights.shape[2]
-        weights = weights.transpose(0, 1).reshape(H, c * r, T)  # one product per head and level, no broadcast copy
         out = 0
         for level in range(V):  # sum_t A_jt v_t(level of copy j at t)
-            chosen = (level_index == level).to(weights.dtype)[:, None].expand(c, r, T).reshape(c * r, T)
-            out = out + (weights * chosen) @ self.v[image, :, level].transpose(0, 1)  # (H, T, d)
-        return out.view(H, c, r, d).transpose(0, 1)
+            chosen = (level_index == level).to(weights.dtype)[None, :, None, None]  # (1, c, 1, 1, T)
+            out = out + torch.einsum("nchrt,nthd->nchrd", weights * chosen, self.v[images][:, :, level])
+        return out
 
 
 def distinct_rows(masks: Tensor) -> "tuple[Tensor, Tensor, Tensor]":
@@ -194,9 +209,9 @@ def prefix_block_rows(
     n, _, D = x.shape
     c, P = masks.shape[0], num_prefix
     prefix = torch.arange(P, device=masks.device).expand(c, P)
-    attention = torch.stack([shared.rows(image, masks, level_index, prefix) for image in range(n)])
+    attention = shared.rows_of(slice(None), masks, level_index, prefix)  # (n, c, P, D): every image at once
     r = residual_rows(x, shared.z, masks, P, residual)
-    return view.finish(r.reshape(n * c, P, D), attention.reshape(n * c, P, D)).view(n, c, P, D)
+    return view.finish(r.flatten(0, 1), attention.flatten(0, 1)).unflatten(0, (n, c))
 
 
 def block_prefix_rows(view: BlockView, x: Tensor, num_prefix: int, call: Call) -> Tensor:
