@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .methods import EXPLAINERS, REGISTRY, TITLES
+from .methods import EXPLAINERS, OPTIONS, REGISTRY, TITLES
 from .metrics import ALIASES as METRIC_ALIASES
 from .metrics import METRICS as METRIC_REGISTRY
 
@@ -176,48 +176,46 @@ def _read_images(paths: Sequence[Path], preprocess: Callable) -> Tuple[List[Tupl
     return good, failed
 
 
-#: the CLI options of ViT-ReciproCAM's entries and of the attention methods, as registry options
-RECIPROCAM_FLAGS = ("block", "kernel", "residual", "scores")
-LAYER_METHODS = ("agcam", "rollout", "grad-rollout", "legrad")
-
-
 def method_options(args: argparse.Namespace, methods: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """Each method's options from ``--block/--kernel/--residual/--scores`` and ``--layers``; refused where none applies."""
-    given = {flag: getattr(args, flag) for flag in RECIPROCAM_FLAGS if getattr(args, flag, None) is not None}
-    layers = getattr(args, "layers", None)
-    reciprocam = [m for m in methods if m.startswith("reciprocam")]
-    if given and not reciprocam:
-        flags = ", ".join(f"--{f}" for f in given)
-        raise UsageError(f"{flags} set ViT-ReciproCAM's options; add --method reciprocam (or another reciprocam-* entry).")
-    if layers is not None and not any(m in LAYER_METHODS for m in methods):
-        raise UsageError(f"--layers selects the blocks of {', '.join(LAYER_METHODS)}; add one of them with --method.")
-    options: Dict[str, Dict[str, Any]] = {}
-    for m in methods:
-        if m in reciprocam:
-            options[m] = dict(given)
-        elif m in LAYER_METHODS and layers is not None:
-            options[m] = {"layers": layers}
-    return options
+    """Each method's options from the flags the registry's options make (`captum_vit.methods.OPTIONS`).
+
+    A flag goes to every chosen method that takes it; a flag no chosen method takes is refused, naming the
+    methods that take it.
+    """
+
+    given = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
+    options: Dict[str, Dict[str, Any]] = {m: {} for m in methods}
+    for name, value in given.items():
+        takers = [m for m in methods if any(o.name == name for o in REGISTRY[m].options)]
+        if not takers:
+            able = [m for m, spec in REGISTRY.items() if any(o.name == name for o in spec.options)]
+            raise UsageError(f"{OPTIONS[name].flag} is an option of {', '.join(able)}; add one of them with --method.")
+        for m in takers:
+            options[m][name] = value
+    return {m: o for m, o in options.items() if o}
 
 
-def _layers(text: str) -> List[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected block indices separated by commas (e.g. -1,-2), got {text!r}") from None
+def _text_reader(option: Any) -> Callable[[str], Any]:
+    """argparse's ``type`` for a registry option: its parser, with its error said as argparse says one."""
+
+    def read(text: str) -> Any:
+        try:
+            return option.parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    read.__name__ = option.parse.__name__  # argparse names it in "invalid <type> value"
+    return read
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    from .reciprocam import KERNELS, RESIDUALS, SCORES
 
-    parser.add_argument("--block", type=int, default=None,
-                        help="ViT-ReciproCAM's block, from the end as -1 (default: each entry's, -3 for reciprocam)")
-    parser.add_argument("--kernel", default=None, choices=KERNELS, help="ViT-ReciproCAM's mask kernel")
-    parser.add_argument("--residual", default=None, choices=RESIDUALS,
-                        help="ViT-ReciproCAM's residual of the masked block (docs/methods.md 1.1)")
-    parser.add_argument("--scores", default=None, choices=SCORES, help="ViT-ReciproCAM's score of each masked copy")
-    parser.add_argument("--layers", type=_layers, default=None,
-                        help="the blocks AGCAM and the rollouts read, e.g. -1,-2 (default: every block)")
+    for option in OPTIONS.values():
+        takers = [m for m, spec in REGISTRY.items() if option in spec.options]
+        scope = "reciprocam*" if all(m.startswith("reciprocam") for m in takers) else ", ".join(takers)
+        parser.add_argument(option.flag, dest=option.name, type=_text_reader(option), choices=option.choices,
+                            default=None, help=f"{option.help} [{scope}]")
+
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -497,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: the options whose values may be negative block indices, and such a value ("-2", "-1,-2")
-NEGATIVE_OPTIONS = ("--block", "--layers")
+NEGATIVE_OPTIONS = tuple(o.flag for o in OPTIONS.values() if o.negative)
 _NEGATIVE_VALUE = re.compile(r"^-\d[\d,\s-]*$")
 
 

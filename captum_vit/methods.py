@@ -36,7 +36,7 @@ random                    uniform noise: a control, not an explainer            
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from captum.attr import IntegratedGradients
@@ -44,10 +44,10 @@ from torch import Tensor, nn
 
 from .adapters import UnsupportedModelError, find_adapter
 from .agcam import AttentionGuidedGradCAM
-from .attnlrp import AttnLRP
+from .attnlrp import ATTENTION_RULES, SPACES, AttnLRP
 from .baselines import integrated_gradients_map, vit_layer_gradcam
-from .legrad import LeGrad
-from .reciprocam import LayerReciproCAM
+from .legrad import POOLINGS, LeGrad
+from .reciprocam import KERNELS, RESIDUALS, SCORES, LayerReciproCAM
 from .relevance import TransformerAttribution
 from .rollout import AttentionRollout, GradientRollout
 
@@ -79,6 +79,61 @@ class BuildContext:
 Builder = Callable[[BuildContext], Tuple[ExplainFn, Dict[str, Any]]]
 
 
+def block_indices(text: str) -> List[int]:
+    """``"-1,-2"`` -> ``[-1, -2]``."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"expected block indices separated by commas (e.g. -1,-2), got {text!r}") from None
+
+
+def yes_no(text: str) -> bool:
+    """``"yes"``/``"no"`` (or true/false, 1/0) -> a bool."""
+    value = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}.get(text.lower())
+    if value is None:
+        raise ValueError(f"expected yes or no, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option a method takes: its name (the keyword of `explainer`), how a text value is read (the CLI's
+    ``--name`` flag), its choices where they are enumerated, and what it does."""
+
+    name: str
+    help: str
+    parse: Callable[[str], Any] = str
+    choices: Optional[Tuple[str, ...]] = None
+    #: the value may start with "-" (block indices): the CLI joins "--block -2" as "--block=-2"
+    negative: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+RECIPROCAM_OPTION_SPECS = (
+    OptionSpec("block", "ViT-ReciproCAM's block, from the end as -1 (default: each entry's, -3 for reciprocam)",
+               int, negative=True),
+    OptionSpec("kernel", "ViT-ReciproCAM's mask kernel", choices=KERNELS),
+    OptionSpec("residual", "ViT-ReciproCAM's residual of the masked block (docs/methods.md 1.1)", choices=RESIDUALS),
+    OptionSpec("scores", "ViT-ReciproCAM's score of each masked copy", choices=SCORES),
+    OptionSpec("keep_prefix_tokens", "ViT-ReciproCAM: keep the class/register tokens in every copy (yes, default) "
+               "or mask them (no)", yes_no),
+)
+LAYERS_OPTION = OptionSpec("layers", "the blocks the method reads, e.g. -1,-2 (default: every block; LeGrad: the "
+                           "last two)", block_indices, negative=True)
+ATTNLRP_OPTION_SPECS = (
+    OptionSpec("attention_rule", "AttnLRP inside the attention: cp (LXT's ViT setting) or attnlrp (uniform rule)",
+               choices=ATTENTION_RULES),
+    OptionSpec("linear_gamma", "AttnLRP's gamma of the linear layers (default 0.05)", float),
+    OptionSpec("conv_gamma", "AttnLRP's gamma of the patch embedding (default 0.25)", float),
+    OptionSpec("space", "AttnLRP's maps: pixels or grid (each patch's pixels summed)", choices=SPACES),
+)
+POOLING_OPTION = OptionSpec("pooling", "LeGrad: each block's tokens pooled by their mean (the authors') or by the "
+                            "model's own pooling", choices=POOLINGS)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One registry entry.
@@ -97,8 +152,11 @@ class MethodSpec:
     class_specific: bool = True
     control: bool = False
     seeded: bool = False
+    #: the options the method takes (the CLI's flags are made from these)
+    options: Tuple[OptionSpec, ...] = ()
 
     def build(self, context: BuildContext) -> "MethodExplainer":
+        context.refuse_options(self.title, tuple(o.name for o in self.options))
         fn, options = self.builder(context)
         return MethodExplainer(self, fn, options)
 
@@ -129,15 +187,11 @@ class MethodExplainer:
 
 
 # -- builders ----------------------------------------------------------------------
-RECIPROCAM_OPTIONS = ("block", "kernel", "residual", "scores", "keep_prefix_tokens")
-
-
 def reciprocam_builder(block: int, **defaults: Any) -> Builder:
     """ViT-ReciproCAM on block ``block`` (negative: from the end) with ``attribute`` options; the caller's
-    options (`RECIPROCAM_OPTIONS`) override them."""
+    options (`RECIPROCAM_OPTION_SPECS`) override them."""
 
     def build(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
-        context.refuse_options("ViT-ReciproCAM", RECIPROCAM_OPTIONS)
         options = dict(defaults, **{k: v for k, v in context.options.items() if k != "block"})
         chosen = int(context.options.get("block", block))
         return _reciprocam(context, chosen, options)
@@ -162,8 +216,6 @@ def attention_builder(cls: Type[Any]) -> Builder:
     """An `~captum_vit._attention.AttentionExplainer` over every block."""
 
     def build(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
-        takes_layers = cls is not TransformerAttribution  # relevance flows through every block
-        context.refuse_options(cls.__name__, ("layers",) if takes_layers else ())
         extra = {"layers": context.options["layers"]} if "layers" in context.options else {}
         method = cls(context.forward_func, vit=context.vit, **extra)
         kw = dict(normalize=context.normalize, batch_size=context.batch_size)
@@ -172,25 +224,19 @@ def attention_builder(cls: Type[Any]) -> Builder:
     return build
 
 
-ATTNLRP_OPTIONS = ("attention_rule", "linear_gamma", "conv_gamma", "space")
-
-
 def _attnlrp(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
-    context.refuse_options("AttnLRP", ATTNLRP_OPTIONS)
     method = AttnLRP(context.forward_func, vit=context.vit, **context.options)
     kw = dict(normalize=context.normalize, batch_size=context.batch_size)
     return (lambda x, t: method.attribute(x, target=t, **kw)), {"normalize": context.normalize, **context.options}
 
 
 def _legrad(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
-    context.refuse_options("LeGrad", ("layers", "pooling"))
     method = LeGrad(context.forward_func, vit=context.vit, **context.options)
     kw = dict(normalize=context.normalize, batch_size=context.batch_size)
     return (lambda x, t: method.attribute(x, target=t, **kw)), {"normalize": context.normalize, **context.options}
 
 
 def _integrated_gradients(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
-    context.refuse_options("IntegratedGradients")
     ig = IntegratedGradients(context.forward_func)
     steps, batch = context.ig_steps, context.batch_size
     return (lambda x, t: integrated_gradients_map(ig, x, t, n_steps=steps, internal_batch_size=batch)), {
@@ -198,13 +244,11 @@ def _integrated_gradients(context: BuildContext) -> Tuple[ExplainFn, Dict[str, A
 
 
 def _layer_gradcam(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
-    context.refuse_options("LayerGradCam")
     gradcam = vit_layer_gradcam(context.forward_func, vit=context.vit)
     return (lambda x, t: gradcam.attribute(x, target=t, relu_attributions=True)), {}
 
 
 def _random_control(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
-    context.refuse_options("the random control")
     adapter = find_adapter(context.forward_func, None, context.vit)
     generator = torch.Generator().manual_seed(context.seed)
 
@@ -218,23 +262,27 @@ def _random_control(context: BuildContext) -> Tuple[ExplainFn, Dict[str, Any]]:
 _SPECS = (
     # chosen by leave-one-model-out on the known-evidence zoo (docs/evidence.md, specification 5b)
     MethodSpec("reciprocam", "ViT-ReciproCAM",
-               reciprocam_builder(-3, kernel="dirac", residual="input", scores="logits")),
+               reciprocam_builder(-3, kernel="dirac", residual="input", scores="logits"),
+               options=RECIPROCAM_OPTION_SPECS),
     MethodSpec("reciprocam-authors", "ViT-ReciproCAM (authors)",
-               reciprocam_builder(-2, residual="unmasked")),
+               reciprocam_builder(-2, residual="unmasked"), options=RECIPROCAM_OPTION_SPECS),
     MethodSpec("reciprocam-fast", "ViT-ReciproCAM (last block)",
-               reciprocam_builder(-1, residual="normalized")),
+               reciprocam_builder(-1, residual="normalized"), options=RECIPROCAM_OPTION_SPECS),
     MethodSpec("reciprocam-input", "ViT-ReciproCAM (last block, input residual, logits)",
-               reciprocam_builder(-1, residual="input", scores="logits")),
+               reciprocam_builder(-1, residual="input", scores="logits"), options=RECIPROCAM_OPTION_SPECS),
     MethodSpec("reciprocam-input-dirac", "ViT-ReciproCAM (last block, dirac, input residual, logits)",
-               reciprocam_builder(-1, kernel="dirac", residual="input", scores="logits")),
+               reciprocam_builder(-1, kernel="dirac", residual="input", scores="logits"),
+               options=RECIPROCAM_OPTION_SPECS),
     MethodSpec("reciprocam-dirac", "ViT-ReciproCAM (authors', dirac)",
-               reciprocam_builder(-2, residual="unmasked", kernel="dirac")),
-    MethodSpec("agcam", "AGCAM", attention_builder(AttentionGuidedGradCAM)),
-    MethodSpec("rollout", "Attention Rollout", attention_builder(AttentionRollout), class_specific=False),
-    MethodSpec("grad-rollout", "Gradient Rollout (Chefer et al., ICCV 2021)", attention_builder(GradientRollout)),
+               reciprocam_builder(-2, residual="unmasked", kernel="dirac"), options=RECIPROCAM_OPTION_SPECS),
+    MethodSpec("agcam", "AGCAM", attention_builder(AttentionGuidedGradCAM), options=(LAYERS_OPTION,)),
+    MethodSpec("rollout", "Attention Rollout", attention_builder(AttentionRollout), class_specific=False,
+               options=(LAYERS_OPTION,)),
+    MethodSpec("grad-rollout", "Gradient Rollout (Chefer et al., ICCV 2021)", attention_builder(GradientRollout),
+               options=(LAYERS_OPTION,)),
     MethodSpec("relevance", "Relevance (Chefer LRP)", attention_builder(TransformerAttribution)),
-    MethodSpec("attnlrp", "AttnLRP", _attnlrp),
-    MethodSpec("legrad", "LeGrad", _legrad),
+    MethodSpec("attnlrp", "AttnLRP", _attnlrp, options=ATTNLRP_OPTION_SPECS),
+    MethodSpec("legrad", "LeGrad", _legrad, options=(LAYERS_OPTION, POOLING_OPTION)),
     MethodSpec("ig", "Integrated Gradients", _integrated_gradients),
     MethodSpec("layergradcam", "LayerGradCam", _layer_gradcam),
     MethodSpec("random", "random control", _random_control, class_specific=False, control=True, seeded=True),
@@ -246,6 +294,8 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
 METHODS = tuple(REGISTRY)
 #: the explainers a user picks from (the CLI's choices): every entry but the controls
 EXPLAINERS = tuple(name for name, spec in REGISTRY.items() if not spec.control)
+#: every option any method takes, by name (one spec per name), in table order
+OPTIONS: Dict[str, OptionSpec] = {o.name: o for spec in _SPECS for o in spec.options}
 #: short descriptions, for help texts and figure titles
 TITLES: Dict[str, str] = {spec.name: spec.title for spec in _SPECS}
 

@@ -250,3 +250,43 @@ def test_negative_block_indices_work_as_separate_arguments_as_the_help_shows(tmp
     image = str(ASSETS / "samples" / "cat_test3009.png")
     assert main(["explain", image, "--method", "agcam", "--layers", "-1,-2", "--out", str(tmp_path)]) == 0
     assert main(["explain", image, "--method", "reciprocam", "--block", "-3", "--out", str(tmp_path)]) == 0
+
+
+def test_method_flags_are_the_registry_options():
+    """Every option a registry method takes is a flag, read as the registry reads it, and reaches exactly the
+    chosen methods that take it (keep_prefix_tokens had no flag while the CLI kept its own list)."""
+    from captum_vit.methods import OPTIONS, REGISTRY
+
+    parser = cli.build_parser()
+    for spec in REGISTRY.values():
+        for option in spec.options:
+            assert OPTIONS[option.name] is option, f"{option.name}: one spec per option name"
+    args = parser.parse_args(cli.attach_negative_values(
+        ["explain", "x.png", "--method", "reciprocam", "--method", "legrad", "--method", "attnlrp",
+         "--keep-prefix-tokens", "no",
+         "--layers", "-1", "--pooling", "model", "--attention-rule", "attnlrp", "--linear-gamma", "0.1"]))
+    options = cli.method_options(args, ["reciprocam", "legrad", "attnlrp"])
+    assert options == {"reciprocam": {"keep_prefix_tokens": False},
+                       "legrad": {"layers": [-1], "pooling": "model"},
+                       "attnlrp": {"attention_rule": "attnlrp", "linear_gamma": 0.1}}
+    args = parser.parse_args(["explain", "x.png", "--method", "agcam", "--pooling", "model"])
+    with pytest.raises(cli.UsageError, match="--pooling is an option of legrad; add one of them with --method"):
+        cli.method_options(args, ["agcam"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["explain", "x.png", "--keep-prefix-tokens", "maybe"])
+
+
+def test_each_registry_option_is_accepted_by_its_builder():
+    """A flag the CLI offers must build: each method with each of its options at a valid value."""
+    from captum_vit import methods
+    from captum_vit.models import default_model
+
+    model = default_model().forward
+    valid = {"block": -1, "kernel": "dirac", "residual": "input", "scores": "logits", "keep_prefix_tokens": False,
+             "layers": [-1], "attention_rule": "attnlrp", "linear_gamma": 0.1, "conv_gamma": 0.5, "space": "grid",
+             "pooling": "model"}
+    assert set(valid) == set(methods.OPTIONS)
+    for name, spec in methods.REGISTRY.items():
+        for option in spec.options:
+            built = methods.explainer(name, model, **{option.name: valid[option.name]})
+            assert built.options[option.name] == valid[option.name]
