@@ -32,7 +32,7 @@ from ._deletion import deletion_insertion
 from ._distributed import join_torchrun
 from ._evaluate import evaluate_adcc
 from ._registry import ALIASES, FIELDS, METRICS, ExplainedBatch, FieldSpec, MetricSpec, field_spec, grid_scores
-from ._runner import DatasetItems, EvaluationBatch, EvaluationResult, evaluate
+from ._runner import DatasetItems, EvaluationBatch, EvaluationConfig, EvaluationResult, evaluate
 from ._evidence import bootstrap_interval, cascading_randomization, evidence_mass, rank_correlation, top_pixel_inside
 from ._known_evidence import (
     KNOWN_EVIDENCE_METRICS,
@@ -64,6 +64,7 @@ __all__ = [
     "ALIASES",
     "DatasetItems",
     "EvaluationBatch",
+    "EvaluationConfig",
     "EvaluationResult",
     "ExplainedBatch",
     "FIELDS",

@@ -63,15 +63,15 @@ def evaluate_adcc(
     single process's. Pass each rank's ``device``.
     """
     from .. import __version__
-    from ._runner import run_evaluation
+    from ._runner import EvaluationConfig, run_evaluation
 
     if not isinstance(baseline, (int, float)) or isinstance(baseline, bool) or not math.isfinite(baseline):
         raise ValueError(f"baseline must be a finite number; got {baseline!r}.")
     identity = {"method": method_id or method_identity(explain_func), "captum_vit_version": __version__,
                 "baseline": float(baseline)}
-    result = run_evaluation(forward_func, {"adcc": as_explain_func(explain_func)}, loader, ["adcc"],
-                            use_labels=use_labels, device=device, progress=progress, baseline=float(baseline),
-                            restart=restart, identity=identity,
+    config = EvaluationConfig(use_labels=use_labels, device=device, progress=progress, baseline=float(baseline),
+                              restart=restart, identity=identity)
+    result = run_evaluation(forward_func, {"adcc": as_explain_func(explain_func)}, loader, ["adcc"], config,
                             checkpoint_folder=None if checkpoint_dir is None else (lambda _: Path(checkpoint_dir)))
     values = result.values["adcc"]
     return ADCCResult(**{f.name: values[f.name].bool() if f.name == "constant_map" else values[f.name]

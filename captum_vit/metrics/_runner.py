@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -221,67 +221,82 @@ class _Run:
         return self.built[key]
 
 
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """How one evaluation runs; `evaluate` takes one (or its fields as keywords, which override it).
+
+    Attributes:
+        use_labels: explain the labels instead of the predicted classes.
+        batch_size: images per batch for a ``Dataset`` (the unit of work,
+            of checkpoints and of sharding).
+        num_workers: ``DataLoader`` workers for a ``Dataset``.
+        transform: PIL image -> ``(C, H, W)`` tensor, for datasets of pictures.
+        checkpoint_dir: each method's finished batches go to
+            ``checkpoint_dir/<method>`` (``batch_*.pt`` with a manifest of
+            the run); a later call of the same run resumes from them.
+        restart: delete those checkpoints first.
+        records_dir: per-image values are appended to
+            ``records_dir/records.rank<r>.jsonl`` as each batch finishes.
+        device: where each batch goes (default: the model's).
+        progress: a progress bar with images/s (rank 0).
+        seed: seeds the registry methods that draw random numbers (the random
+            control) per batch, so a sharded run equals a single process.
+        deletion_steps, baseline: deletion/insertion steps and the value of
+            removed pixels (metrics ``deletion``, ``insertion``, ``adcc``).
+        pointing_margin: pointing within this many pixels of a box.
+        identity: extra fields of the run's checkpoint manifest.
+        method_options: per registry method, its own options
+            (`captum_vit.methods.explainer`'s ``options``, e.g.
+            ``{"reciprocam": {"block": -3}}``).
+    """
+
+    use_labels: bool = False
+    batch_size: int = 32
+    num_workers: int = 0
+    transform: Optional[Callable[[Any], Tensor]] = None
+    checkpoint_dir: Optional[Union[str, Path]] = None
+    restart: bool = False
+    records_dir: Optional[Union[str, Path]] = None
+    device: Optional[Union[torch.device, str]] = None
+    progress: bool = True
+    seed: int = 0
+    deletion_steps: int = 16
+    baseline: float = 0.0
+    pointing_margin: int = 0
+    identity: Optional[Dict[str, Any]] = None
+    method_options: Optional[Dict[str, Dict[str, Any]]] = None
+
+    @property
+    def metric_options(self) -> Dict[str, Any]:
+        """The options the metrics read (`ExplainedBatch.options`)."""
+        return dict(deletion_steps=self.deletion_steps, baseline=self.baseline, pointing_margin=self.pointing_margin)
+
+    def with_overrides(self, overrides: Dict[str, Any]) -> "EvaluationConfig":
+        """This configuration with ``overrides`` (field name -> value); an unknown name is refused."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"evaluate() got unexpected keyword arguments {', '.join(unknown)}; "
+                            f"EvaluationConfig has {', '.join(sorted(names))}.")
+        return replace(self, **overrides)
+
+
 def evaluate(
     forward_func: Any,
     methods: Union[Sequence[str], Dict[str, Method]],
     data: Any,
     metrics: Sequence[str] = ("adcc",),
-    *,
-    use_labels: bool = False,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    transform: Optional[Callable[[Any], Tensor]] = None,
-    checkpoint_dir: Optional[Union[str, Path]] = None,
-    restart: bool = False,
-    records_dir: Optional[Union[str, Path]] = None,
-    device: Optional[Union[torch.device, str]] = None,
-    progress: bool = True,
-    seed: int = 0,
-    deletion_steps: int = 16,
-    baseline: float = 0.0,
-    pointing_margin: int = 0,
-    identity: Optional[Dict[str, Any]] = None,
-    method_options: Optional[Dict[str, Dict[str, Any]]] = None,
-) -> EvaluationResult:
-    """Score each method with each metric on every image of ``data``; see `run_evaluation`."""
-    folders = None if checkpoint_dir is None else (lambda name: Path(checkpoint_dir) / _folder(name))
-    return run_evaluation(forward_func, methods, data, metrics, use_labels=use_labels, batch_size=batch_size,
-                          num_workers=num_workers, transform=transform, checkpoint_folder=folders, restart=restart,
-                          records_dir=records_dir, device=device, progress=progress, seed=seed,
-                          deletion_steps=deletion_steps, baseline=baseline, pointing_margin=pointing_margin,
-                          identity=identity, method_options=method_options)
-
-
-def run_evaluation(
-    forward_func: Any,
-    methods: Union[Sequence[str], Dict[str, Method]],
-    data: Any,
-    metrics: Sequence[str] = ("adcc",),
-    *,
-    use_labels: bool = False,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    transform: Optional[Callable[[Any], Tensor]] = None,
-    checkpoint_folder: Optional[Callable[[str], Path]] = None,
-    restart: bool = False,
-    records_dir: Optional[Union[str, Path]] = None,
-    device: Optional[Union[torch.device, str]] = None,
-    progress: bool = True,
-    seed: int = 0,
-    deletion_steps: int = 16,
-    baseline: float = 0.0,
-    pointing_margin: int = 0,
-    identity: Optional[Dict[str, Any]] = None,
-    method_options: Optional[Dict[str, Dict[str, Any]]] = None,
+    config: Optional[EvaluationConfig] = None,
+    **overrides: Any,
 ) -> EvaluationResult:
     """Score each method with each metric on every image of ``data``.
 
     Args:
         forward_func: the model (or a module around it) mapping ``(B, C, H, W)`` to logits.
-        methods: registry names (`captum_vit.methods.METHODS`; built
-            anew for every batch, seeded with ``seed + batch index``, so a
-            sharded run equals a single process), or ``{name: explain}`` with
-            any ``explain(inputs, target) -> (B, 1, h, w)`` maps.
+        methods: registry names (`captum_vit.methods.METHODS`, each built once
+            per run; one that draws random numbers is built per batch with
+            ``seed + batch index``), or ``{name: explain}`` with any
+            ``explain(inputs, target) -> (B, 1, h, w)`` maps.
         data: a map-style ``Dataset`` (items ``(image, label[, boxes])``,
             torchvision datasets, Hugging Face ``datasets`` rows, dicts; PIL
             images need ``transform``), a ``DataLoader``, or any iterable of
@@ -289,49 +304,46 @@ def run_evaluation(
         metrics: names from `captum_vit.metrics.METRICS` (``"insertion"``,
             ``"iou"``, ``"dice"`` select their entry; ``"known_evidence"``
             the known-evidence set).
-        use_labels: explain the labels instead of the predicted classes.
-        batch_size: images per batch for a ``Dataset`` (the unit of work,
-            of checkpoints and of sharding).
-        num_workers: ``DataLoader`` workers for a ``Dataset``.
-        transform: PIL image -> ``(C, H, W)`` tensor, for datasets of pictures.
-        checkpoint_folder: method name -> the folder its finished batches go
-            to (`evaluate`'s ``checkpoint_dir``: ``checkpoint_dir/<method>``,
-            ``batch_*.pt`` with a manifest of the run); a later call of the same
-            run resumes from them.
-        restart: delete those checkpoints first.
-        records_dir: per-image values are appended to
-            ``records_dir/records.rank<r>.jsonl`` as each batch finishes.
-        device: where each batch goes (default: the model's).
-        progress: a progress bar with images/s (rank 0).
-        seed: seeds the registry methods (the random control) per batch.
-        deletion_steps, baseline, pointing_margin: options of the metrics
-            (deletion/insertion steps and the value of removed pixels;
-            pointing within this many pixels of a box).
-        identity: extra fields of the run's checkpoint manifest.
-        method_options: per registry method, its own options
-            (`captum_vit.methods.explainer`'s ``options``, e.g.
-            ``{"reciprocam": {"block": -3}}``).
+        config: how the run goes (`EvaluationConfig`; default its defaults).
+        overrides: `EvaluationConfig` fields given as keywords (e.g.
+            ``batch_size=8``), over ``config``.
 
     Returns:
         `EvaluationResult`; ``.summary()`` gives means with 95 %
         bootstrap intervals.
     """
+    config = (config or EvaluationConfig()).with_overrides(overrides)
+    folders = None if config.checkpoint_dir is None else (lambda name: Path(config.checkpoint_dir) / _folder(name))
+    return run_evaluation(forward_func, methods, data, metrics, config, checkpoint_folder=folders)
+
+
+def run_evaluation(
+    forward_func: Any,
+    methods: Union[Sequence[str], Dict[str, Method]],
+    data: Any,
+    metrics: Sequence[str],
+    config: EvaluationConfig,
+    checkpoint_folder: Optional[Callable[[str], Path]] = None,
+) -> EvaluationResult:
+    """`evaluate`, with each method's checkpoint folder given by ``checkpoint_folder`` (method name -> folder)
+    instead of ``config.checkpoint_dir`` (`captum_vit.metrics.evaluate_adcc` keeps its own layout)."""
     specs = resolve_metrics(metrics)
+    batch_size = config.batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
     rank, world = distributed_rank_and_size()
-    stream = _stream(data, batch_size, num_workers, transform, rank, world)
+    stream = _stream(data, batch_size, config.num_workers, config.transform, rank, world)
     model = module_of(forward_func)
+    device = config.device
     if device is None and isinstance(model, nn.Module):
         device = next(model.parameters()).device
     named = {m: m for m in methods} if not isinstance(methods, dict) else dict(methods)
-    cascade = _cascade(model, seed) if any("randomized" in s.needs for s in specs) else []
-    options = dict(deletion_steps=deletion_steps, baseline=baseline, pointing_margin=pointing_margin)
-    run = _Run(forward_func, named, specs, use_labels, torch.device(device) if device is not None else None, seed,
-               options, cascade, dict(method_options or {}), {})
+    cascade = _cascade(model, config.seed) if any("randomized" in s.needs for s in specs) else []
+    run = _Run(forward_func, named, specs, config.use_labels, torch.device(device) if device is not None else None,
+               config.seed, config.metric_options, cascade, dict(config.method_options or {}), {})
     unsupported = _probe_methods(run)
-    run.checkpoints = _checkpoints(run, unsupported, checkpoint_folder, restart, stream, identity)
-    parts = _run_batches(run, stream, rank, records_dir, progress)
+    run.checkpoints = _checkpoints(run, unsupported, checkpoint_folder, config.restart, stream, config.identity)
+    parts = _run_batches(run, stream, rank, config.records_dir, config.progress)
     if world > 1:  # every rank gets every batch, keyed by batch index
         parts = {k: v for part in from_every_rank(parts) for k, v in part.items()}
     return _merged(parts, [m for m in named if m not in unsupported], unsupported, [s for s, _ in cascade])
