@@ -494,7 +494,8 @@ def _compute(run: _Run, name: str, b: int, batch: EvaluationBatch, target: Tenso
     values: Dict[str, Tensor] = {}
     for spec in run.metrics:
         values.update(spec.compute(context))
-    return {k: (v if v.is_floating_point() else v.float()).detach().cpu() for k, v in values.items()}  # dtype kept
+    # a copy of each (n,) value: a view would keep its whole base (a batch of maps or images) alive for the run
+    return {k: (v if v.is_floating_point() else v.float()).detach().cpu().clone() for k, v in values.items()}
 
 
 class _Records:
