@@ -95,7 +95,11 @@ def gamma_relevance(
 
     Args:
         layer: ``(x, weight, bias) -> output``, the layer's own operation.
-        x, output: the layer's input and output.
+        x: the layer's input.
+        output: the layer's output.
+        weight: the layer's weight.
+        bias: the layer's bias, or ``None``.
+        gamma: \(\gamma\).
         relevance: the output's relevance, shaped as ``output``.
     """
     up = lambda p: None if p is None else p + gamma * p.clamp(min=0)  # noqa: E731

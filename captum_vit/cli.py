@@ -3,9 +3,9 @@
     captum-vit demo --out demo_out
     captum-vit explain photos/ --model deit_small_patch16_224 --method agcam --top-k 3
     captum-vit explain "shots/*.jpg" img.png --model default --method reciprocam --target cat
-    captum-vit evaluate --model default --data cifar10_jpeg.npz --method reciprocam --limit 200
+    captum-vit evaluate cifar10_jpeg.npz --model default --method reciprocam --limit 200
     captum-vit evaluate cifar10_jpeg.npz --metric grid_pointing --method grad-rollout --grids 100
-    torchrun --nproc-per-node 2 -m captum_vit.cli evaluate --data cifar10_jpeg.npz --checkpoint-dir runs/rc
+    torchrun --nproc-per-node 2 -m captum_vit.cli evaluate cifar10_jpeg.npz --checkpoint-dir runs/rc
 
 Bad input (a missing or unreadable file, not an image, an unknown model,
 weights that cannot be fetched, a target out of range, an output path that
@@ -266,10 +266,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 explanation_figure(denormalize(x[i].cpu(), loaded.mean, loaded.std), maps, title, figure,
                                    class_agnostic=agnostic)
                 print(f"{path}: class {_name(loaded.class_names, c)} p={probs[i, c]:.3f} -> {figure}")
-    if failed:
-        print(f"captum-vit: error: {len(failed)} input(s) skipped: {'; '.join(failed)}", file=sys.stderr)
-        return 2
-    return 0
+    return _skipped_status(failed)
 
 
 def _unique_stem(path: Path, taken: Dict[str, int]) -> str:
@@ -299,11 +296,8 @@ def _evaluation_data(data: str, args: argparse.Namespace, loaded) -> Any:
                          "or a .txt list of image paths.")
     boxes = read_boxes(args.boxes) if args.boxes else None
     dataset = ImageFolderDataset(path, loaded.transform, class_names=loaded.class_names, label_order=args.label_order,
-                                 boxes=boxes, box_mapping=timm_box_mapping(loaded.data_config) if boxes else None,
-                                 limit=args.limit)
-    if dataset.skipped:
-        print(f"captum-vit: {len(dataset.skipped)} unreadable file(s) skipped: {'; '.join(dataset.skipped)}",
-              file=sys.stderr)
+                                 require_labels=args.use_labels, boxes=boxes,
+                                 box_mapping=timm_box_mapping(loaded.data_config) if boxes else None, limit=args.limit)
     if args.use_labels and all(label < 0 for label in dataset.labels):
         raise UsageError(f"--use-labels needs labels: {data} has no class subfolders (folder/<class>/<image>); "
                          "without --use-labels each image's predicted class is explained.")
@@ -346,12 +340,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     from .reports import write_evaluation
 
-    written = write_evaluation(result, out, title=f"{', '.join(TITLES[m] for m in methods)} on {args.model}, "
-                                                  f"{len(result.indices)} images", seconds=time.perf_counter() - start)
+    model_name = "the embedded DeiT-Tiny (CIFAR-10)" if args.model in ("default", "") else args.model
+    written = write_evaluation(result, out, title=f"{', '.join(TITLES[m] for m in methods)} on {model_name}, "
+                                                  f"{len(result.indices)} images", seconds=time.perf_counter() - start,
+                               paths=_dataset_paths(dataset), class_names=loaded.class_names)
     print(f"{len(result.indices)} images, {len(methods)} method(s): {', '.join(TITLES[m] for m in methods)}")
     print(written.explained)
     print(f"written: {', '.join(str(p) for p in written.files)}")
-    return 0
+    return _skipped_status(getattr(dataset, "skipped", []))
+
+
+def _dataset_paths(dataset: Any) -> Optional[List[Any]]:
+    """Each index's file, for a dataset of files (a CIFAR-10 archive has none: its records keep the index)."""
+    paths = getattr(dataset, "paths", None)
+    return list(paths) if paths is not None else None
+
+
+def _skipped_status(skipped: Sequence[str]) -> int:
+    """The rule of both commands for unreadable inputs: the others are explained and written, the skipped ones
+    are listed on stderr, and the exit status is 2 so that a script notices."""
+    if not skipped:
+        return 0
+    print(f"captum-vit: error: {len(skipped)} input(s) skipped: {'; '.join(skipped)}", file=sys.stderr)
+    return 2
 
 
 def _grid_pointing(args: argparse.Namespace, loaded, dataset, methods: List[str], metrics: List[str],

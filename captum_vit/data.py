@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -149,6 +150,22 @@ def _images_under(folder: Path) -> list:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+WORDNET_ID = re.compile(r"^n\d{8}$")
+
+
+def _imagenet_synsets(folders: Sequence[Path], class_names: Sequence[str]) -> Optional[dict]:
+    """``{folder: class}`` when every folder is an ImageNet WordNet id and the model has ImageNet's 1000
+    classes (timm's ``ImageNetInfo`` gives the ids in class order); ``None`` otherwise."""
+    if len(class_names) != 1000 or not folders or not all(WORDNET_ID.match(f.name) for f in folders):
+        return None
+    from timm.data import ImageNetInfo
+
+    synsets = {name: k for k, name in enumerate(ImageNetInfo().label_names())}
+    if not all(f.name in synsets for f in folders):
+        return None
+    return {f: synsets[f.name] for f in folders}
+
+
 def _labelled_folders(root: Path, class_names: Optional[Sequence[str]], label_order: str) -> Tuple[list, list]:
     """``(paths, labels)`` of an ImageFolder tree: one subfolder per class."""
     import difflib
@@ -158,6 +175,8 @@ def _labelled_folders(root: Path, class_names: Optional[Sequence[str]], label_or
         if class_names is not None and len(folders) > len(class_names):
             raise ValueError(f"{root} has {len(folders)} class folders but the model has {len(class_names)} classes.")
         mapping = {folder: k for k, folder in enumerate(folders)}
+    elif class_names is not None and _imagenet_synsets(folders, class_names) is not None:
+        mapping = _imagenet_synsets(folders, class_names)  # ImageNet's WordNet-id folders (n01440764, ...)
     else:
         if class_names is None:
             raise ValueError(f"{root}'s class folders cannot be matched to the model's classes by name: the model has "
@@ -255,32 +274,41 @@ class ImageFolderDataset(Dataset):
         transform: PIL image -> tensor, e.g. ``LoadedModel.transform``.
         class_names: the model's classes, to match subfolders by name.
         label_order: ``"names"`` (default) or ``"sorted"``.
+        require_labels: refuse class folders that match no class of the
+            model (default); ``False``: read them unlabelled instead (labels
+            ``-1``), for runs that explain the predicted class.
         boxes: ``{key: boxes}`` from `read_boxes` (keys: relative path or file name).
         box_mapping: original-picture box -> model-input box
             (`timm_box_mapping`); required with ``boxes``.
-        limit: the first ``limit`` images only.
+        limit: the first ``limit`` readable images only (unreadable ones
+            before them are skipped, listed in `skipped`, and not counted).
     """
 
     def __init__(self, source: Union[str, Path], transform: Callable[[Any], torch.Tensor], *,
                  class_names: Optional[Sequence[str]] = None, label_order: str = "names",
+                 require_labels: bool = True,
                  boxes: Optional[dict] = None, box_mapping: Optional[Callable[..., Any]] = None,
                  limit: Optional[int] = None) -> None:
         if label_order not in LABEL_ORDERS:
             raise ValueError(f"label_order must be one of {', '.join(LABEL_ORDERS)}; got {label_order!r}.")
         if boxes is not None and box_mapping is None:
             raise ValueError("boxes need box_mapping, which moves them as the preprocessing moves the pixels.")
-        self.root, paths, labels = self._discover(Path(source), class_names, label_order)
-        if limit is not None:
-            paths, labels = paths[:limit], labels[:limit]
+        self.root, paths, labels = self._discover(Path(source), class_names, label_order, require_labels)
         self.transform, self.boxes, self.box_mapping = transform, boxes, box_mapping
         self.skipped: list = []
-        keep = [i for i, p in enumerate(paths) if self._readable(p)]
+        keep = []
+        for i, path in enumerate(paths):  # the limit counts readable images: the ones that will be explained
+            if limit is not None and len(keep) >= limit:
+                break
+            if self._readable(path):
+                keep.append(i)
         self.paths, self.labels = [paths[i] for i in keep], [labels[i] for i in keep]
         if not self.paths:
             raise ValueError(f"{source}: no readable images ({', '.join(IMAGE_SUFFIXES)}) found.")
 
     @staticmethod
-    def _discover(source: Path, class_names: Optional[Sequence[str]], label_order: str) -> Tuple[Path, list, list]:
+    def _discover(source: Path, class_names: Optional[Sequence[str]], label_order: str,
+                  require_labels: bool) -> Tuple[Path, list, list]:
         if not source.exists():
             raise FileNotFoundError(f"{source}: no such file or folder.")
         if source.is_file():
@@ -289,7 +317,14 @@ class ImageFolderDataset(Dataset):
             paths = [(root / line) if not Path(line).is_absolute() else Path(line) for line in lines]
             return root, paths, [-1] * len(paths)
         if any(p.is_dir() and _images_under(p) for p in source.iterdir()):
-            paths, labels = _labelled_folders(source, class_names, label_order)
+            try:
+                paths, labels = _labelled_folders(source, class_names, label_order)
+            except ValueError:
+                if require_labels:
+                    raise
+                # the labels are not used: every image, unlabelled, whatever its folders are called
+                paths = _images_under(source)
+                labels = [-1] * len(paths)
             return source, paths, labels
         paths = _images_under(source)
         return source, paths, [-1] * len(paths)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 from .methods import TITLES
 from .metrics import FIELDS, EvaluationResult, adcc_score
@@ -106,8 +106,31 @@ def plot(summary: Dict[str, Dict[str, Dict[str, Any]]], path: Path, title: str) 
     return path
 
 
-def write_evaluation(result: EvaluationResult, out: Path, title: str, seconds: float = float("nan")) -> WrittenEvaluation:
-    """Write the evaluation's files into ``out`` (``seconds``: how long the evaluation took, for summary.json)."""
+def _with_names(record: Dict[str, Any], paths: Optional[Sequence[Any]],
+                class_names: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """A per-image record with its file and its classes' names, where known."""
+    named: Dict[str, Any] = {"index": record["index"]}
+    if paths is not None:
+        named["path"] = str(paths[record["index"]])
+    for key in ("label", "target", "predicted"):
+        if key in record:
+            named[key] = record[key]
+            if class_names is not None and 0 <= record[key] < len(class_names):
+                named[f"{key}_name"] = class_names[record[key]]
+    return {**named, **{k: v for k, v in record.items() if k not in named}}
+
+
+def write_evaluation(result: EvaluationResult, out: Path, title: str, seconds: float = float("nan"), *,
+                     paths: Optional[Sequence[Any]] = None,
+                     class_names: Optional[Sequence[str]] = None) -> WrittenEvaluation:
+    """Write the evaluation's files into ``out``.
+
+    Args:
+        seconds: how long the evaluation took, for summary.json.
+        paths: each dataset index's file, written into per_image.jsonl as ``path``.
+        class_names: the model's classes: ``target``, ``predicted`` and ``label`` are written with their names
+            (``target_name``, ...).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_of(result)
@@ -119,7 +142,7 @@ def write_evaluation(result: EvaluationResult, out: Path, title: str, seconds: f
                                     "unsupported": result.unsupported}, indent=2))
     with files[1].open("w") as f:
         for record in result.records():
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_with_names(record, paths, class_names)) + "\n")
     table = markdown_table(summary)
     notes = "".join(f"\n\n{TITLES.get(m, m)} did not run: {why}" for m, why in result.unsupported.items())
     files[2].write_text(f"{title}; mean [95 % bootstrap interval]\n\n{table}{notes}\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,3 +291,72 @@ def test_each_registry_option_is_accepted_by_its_builder():
         for option in spec.options:
             built = methods.explainer(name, model, **{option.name: valid[option.name]})
             assert built.options[option.name] == valid[option.name]
+
+
+def test_evaluate_reads_folders_that_name_no_class_unless_labels_are_asked_for(tmp_path, capsys):
+    """Without --use-labels the labels are not used, so folders that match no class name are read unlabelled;
+    with it they are refused, naming the folders."""
+    tree = tmp_path / "tree"
+    for folder, name in (("house_cats", "cat_test3009.png"), ("boats", "ship_test8001.png")):
+        (tree / folder).mkdir(parents=True)
+        shutil.copyfile(ASSETS / "samples" / name, tree / folder / name)
+    args = ["evaluate", str(tree), "--method", "rollout", "--metric", "constant", "--out", str(tmp_path / "out")]
+    assert cli.main(args) == 0
+    assert "2 images" in capsys.readouterr().out
+    assert cli.main(args + ["--use-labels"]) == 2
+    assert "class folder(s)" in capsys.readouterr().err
+
+
+def test_imagenet_wordnet_folders_take_timm_imagenet_classes(tmp_path):
+    """ImageNet-val arrives as WordNet-id folders: with a 1000-class model they are its classes, in timm's
+    ImageNet order (timm.data.ImageNetInfo)."""
+    from timm.data import ImageNetInfo
+
+    from captum_vit.data import ImageFolderDataset
+
+    synsets = ImageNetInfo().label_names()
+    for k in (0, 281, 999):  # tench, tabby cat, toilet tissue
+        (tmp_path / synsets[k]).mkdir()
+        shutil.copyfile(ASSETS / "samples" / "cat_test3009.png", tmp_path / synsets[k] / "a.png")
+    names = [f"class {k}" for k in range(1000)]  # names that match no folder: the ids decide
+    dataset = ImageFolderDataset(tmp_path, lambda image: torch.zeros(3, 8, 8), class_names=names)
+    assert sorted(dataset.labels) == [0, 281, 999]
+    assert {p.parent.name: label for p, label in zip(dataset.paths, dataset.labels)}[synsets[281]] == 281
+
+
+def test_unreadable_images_follow_one_rule_and_the_limit_counts_images_explained(tmp_path, capsys):
+    """explain and evaluate both explain the readable images, write them, list the skipped ones on stderr and exit
+    2; --limit N explains N images even when unreadable ones come first."""
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    (folder / "0_broken.png").write_bytes(b"not a picture")
+    for f in sorted((ASSETS / "samples").glob("*.png"))[:3]:
+        shutil.copyfile(f, folder / f.name)
+    out = tmp_path / "out"
+    code = cli.main(["evaluate", str(folder), "--limit", "2", "--method", "rollout", "--metric", "constant",
+                     "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and "2 images" in captured.out
+    assert "1 input(s) skipped" in captured.err and "0_broken.png" in captured.err
+    assert len((out / "per_image.jsonl").read_text().splitlines()) == 2
+    code = cli.main(["explain", str(folder), "--method", "rollout", "--out", str(tmp_path / "explained")])
+    captured = capsys.readouterr()
+    assert code == 2 and "1 input(s) skipped" in captured.err and "0_broken.png" in captured.err
+    assert len(list((tmp_path / "explained").glob("*.png"))) == 3
+
+
+def test_per_image_records_name_the_file_label_target_and_prediction(tmp_path, capsys):
+    tree = tmp_path / "tree"
+    for name in ("cat_test3009.png", "ship_test8001.png"):
+        (tree / name.split("_")[0]).mkdir(parents=True)
+        shutil.copyfile(ASSETS / "samples" / name, tree / name.split("_")[0] / name)
+    out = tmp_path / "out"
+    assert cli.main(["evaluate", str(tree), "--method", "rollout", "--metric", "constant", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
+    by_file = {Path(r["path"]).name: r for r in records}
+    assert set(by_file) == {"cat_test3009.png", "ship_test8001.png"}
+    cat = by_file["cat_test3009.png"]
+    assert cat["label_name"] == "cat" and cat["target"] == cat["predicted"]  # no --use-labels: the prediction
+    assert {"index", "label", "target", "predicted", "target_name", "predicted_name", "method"} <= set(cat)
+    assert "on the embedded DeiT-Tiny (CIFAR-10), 2 images" in (out / "table.md").read_text()
+    assert "evaluate --data" not in cli.__doc__

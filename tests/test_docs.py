@@ -39,7 +39,45 @@ def test_the_site_builds_strictly(tmp_path):
     assert api.count('class="arithmatex"') >= 30
     for asset in ("katex.min.js", "katex.min.css", "contrib/auto-render.min.js", "fonts/KaTeX_Main-Regular.woff2"):
         assert (site / "assets" / "katex" / asset).exists(), asset
+    _check_api_headings(api)
+    _check_pages(site)
     shutil.rmtree(site)
+
+
+def _check_api_headings(api: str) -> None:
+    """Every object of the API page under its own heading (not run into the one before), with a signature;
+    a Returns paragraph is one table row, not one per line."""
+    documented = re.findall(r"^::: (captum_vit[\w.]*)", (ROOT / "docs" / "api.md").read_text(), flags=re.M)
+    assert len(documented) >= 15
+    for name in documented:
+        assert re.search(rf'<h[2-4][^>]*id="{re.escape(name)}"', api), f"{name} has no heading"
+    for name in ("captum_vit.LayerReciproCAM.attribute", "captum_vit.AttnLRP.attribute", "captum_vit.LeGrad"):
+        assert re.search(rf'<h[3-5][^>]*id="{re.escape(name)}"', api), f"{name} has no heading"
+    assert api.count('class="doc-signature') >= 20, "signatures are not shown"
+    returns = re.search(r"Returns:.*?</table>", api.split('id="captum_vit.LayerReciproCAM.attribute"')[1], re.S)
+    assert returns is not None and returns.group(0).count("<tr") <= 2, "a Returns sentence split into rows"
+
+
+def _check_pages(site: Path) -> None:
+    """No literal Sphinx-style reference on any page; the specification's formulas typeset; the gallery shown."""
+    for page in site.rglob("*.html"):
+        assert "~captum_vit" not in page.read_text(), f"{page}: a literal ~captum_vit reference"
+    spec = (site / "methods" / "index.html").read_text()
+    assert spec.count('class="arithmatex"') >= 40, "the specification's formulas are not typeset"
+    for formula in ("A = softmax(S)", "y = R_k + ls1(attn(Z_k))", "ADCC = 3 / (1/Coh"):
+        assert f"<code>{formula}" not in spec, f"{formula!r} is shown as code, not maths"
+    gallery = (site / "gallery" / "index.html").read_text()
+    images = re.findall(r'<img[^>]+src="([^"]+)"', gallery)
+    assert len(images) >= 10
+    for src in images:
+        assert (site / "gallery" / src).resolve().exists(), f"gallery image {src} missing from the site"
+
+
+def test_the_gallery_shows_every_explainer_and_is_current():
+    """docs/gallery.md lists exactly the images benchmarks/gallery.py drew, for the registry's explainers now."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gallery.py"), "--check"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_built_site_is_ignored_and_the_changelog_page_is_the_changelog():

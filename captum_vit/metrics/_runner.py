@@ -172,6 +172,11 @@ class EvaluationResult:
     indices: Tensor
     unsupported: Dict[str, str] = field(default_factory=dict)
     stages: List[str] = field(default_factory=list)
+    #: ``(N,)`` per image: the class explained, the model's prediction, and the label (``-1``: none); ``None``
+    #: for results made without them
+    targets: Optional[Tensor] = None
+    predicted: Optional[Tensor] = None
+    labels: Optional[Tensor] = None
 
     def summary(self, resamples: int = 1000, seed: int = 0) -> Dict[str, Dict[str, Dict[str, Any]]]:
         """``{method: {field: {"mean", "lo", "hi", "n", "higher_is_better"}}}``, 95 % bootstrap intervals."""
@@ -179,11 +184,14 @@ class EvaluationResult:
                     for k, v in fields_.items()} for m, fields_ in self.values.items()}
 
     def records(self) -> Iterator[Dict[str, Any]]:
-        """One dict per image and method: ``{"index", "method", field: value, ...}``."""
+        """One dict per image and method: ``{"index", "target", "predicted", "label", "method", field: value,
+        ...}`` (the class entries where the result has them)."""
+        classes = {k: v for k, v in (("target", self.targets), ("predicted", self.predicted), ("label", self.labels))
+                   if v is not None}
         for method, fields_ in self.values.items():
             for row in range(len(self.indices)):
-                yield {"index": int(self.indices[row]), "method": method,
-                       **{k: float(v[row]) for k, v in fields_.items()}}
+                yield {"index": int(self.indices[row]), **{k: int(v[row]) for k, v in classes.items()},
+                       "method": method, **{k: float(v[row]) for k, v in fields_.items()}}
 
 
 @dataclass
@@ -423,10 +431,12 @@ def _run_batches(run: _Run, stream: _Stream, rank: int, records_dir: Optional[Un
             continue
         if batch.indices is None:
             batch.indices = torch.arange(len(batch.images)) + b * len(batch.images)
-        for name, values in _score_batch(run, b, batch).items():
+        classes = _classes(run, batch)
+        for name, values in _score_batch(run, b, batch, classes["target"]).items():
             parts.update({(name, k, b): v for k, v in values.items()})
             records.write(name, batch.indices, values)
         parts[("__indices__", "index", b)] = batch.indices
+        parts.update({("__classes__", k, b): v for k, v in classes.items()})
         images_done += len(batch.images)
         bar.update()
         bar.set_postfix(images_per_s=f"{images_done / max(time.perf_counter() - start, 1e-9):.1f}")
@@ -434,17 +444,15 @@ def _run_batches(run: _Run, stream: _Stream, rank: int, records_dir: Optional[Un
     return parts
 
 
-def _score_batch(run: _Run, b: int, batch: EvaluationBatch) -> Dict[str, Dict[str, Tensor]]:
-    """``{method: {field: (n,)}}`` of one batch: loaded from its checkpoint, or computed and saved."""
+def _score_batch(run: _Run, b: int, batch: EvaluationBatch, target: Tensor) -> Dict[str, Dict[str, Tensor]]:
+    """``{method: {field: (n,)}}`` of one batch (``target``: the classes explained): loaded from its
+    checkpoint, or computed and saved."""
     digest = tensor_digest(batch.images, batch.labels if run.use_labels else None)
     out: Dict[str, Dict[str, Tensor]] = {}
-    target: Optional[Tensor] = None
     for name, folder in run.checkpoints.items():
         fields_ = [f for s in run.metrics for f in s.output_fields([st for st, _ in run.cascade])]
         saved = folder.load(b, digest, fields_) if folder is not None else None
         if saved is None:
-            if target is None:
-                target = _targets(run, batch)
             saved = _compute(run, name, b, batch, target)
             if folder is not None:
                 folder.save(b, digest, saved)
@@ -452,17 +460,19 @@ def _score_batch(run: _Run, b: int, batch: EvaluationBatch) -> Dict[str, Dict[st
     return out
 
 
-def _targets(run: _Run, batch: EvaluationBatch) -> Tensor:
-    if run.use_labels:
-        if batch.labels is None:
-            raise ValueError("use_labels=True needs labelled data: (images, labels) batches, or a dataset of "
-                             "(image, label) items (CLI: a folder of class subfolders).")
-        return batch.labels.long()
+def _classes(run: _Run, batch: EvaluationBatch) -> Dict[str, Tensor]:
+    """Per image of the batch: the class explained (the label with ``use_labels``, else the prediction), the
+    model's prediction, and the label (-1 where there is none)."""
     from .._utils import forward_logits
 
+    if run.use_labels and batch.labels is None:
+        raise ValueError("use_labels=True needs labelled data: (images, labels) batches, or a dataset of "
+                         "(image, label) items (CLI: a folder of class subfolders).")
     images = batch.images if run.device is None else batch.images.to(run.device)
     with torch.no_grad():
-        return forward_logits(run.forward_func, (images,)).argmax(1).cpu()
+        predicted = forward_logits(run.forward_func, (images,)).argmax(1).cpu()
+    labels = batch.labels.long() if batch.labels is not None else torch.full_like(predicted, -1)
+    return {"target": labels if run.use_labels else predicted, "predicted": predicted, "label": labels}
 
 
 def _check_needs(specs: Sequence[MetricSpec], batch: EvaluationBatch) -> None:
@@ -523,8 +533,10 @@ def _merged(parts: Dict[Tuple[str, str, int], Tensor], methods: List[str], unsup
         raise ValueError("the data yielded no batches.")
     fields_: Dict[str, List[str]] = {}
     for method, name, _ in parts:
-        if method != "__indices__" and name not in fields_.setdefault(method, []):
+        if not method.startswith("__") and name not in fields_.setdefault(method, []):
             fields_[method].append(name)
     values = {m: {k: torch.cat([parts[m, k, b] for b in order]) for k in fields_[m]} for m in methods if m in fields_}
     indices = torch.cat([parts["__indices__", "index", b] for b in order])
-    return EvaluationResult(values, indices, unsupported, stages)
+    classes = {k: torch.cat([parts["__classes__", k, b] for b in order]) for k in ("target", "predicted", "label")}
+    return EvaluationResult(values, indices, unsupported, stages, **{
+        "targets": classes["target"], "predicted": classes["predicted"], "labels": classes["label"]})
