@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import warnings
 from pathlib import Path
 
 import pytest
@@ -61,14 +62,18 @@ def test_the_readme_has_its_blocks():
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_each_python_block_runs_as_written(index, offline_hubs, capsys):
     namespace: dict = {}
-    exec(compile(PYTHON_BLOCKS[index], f"README.md block {index}", "exec"), namespace)  # noqa: S102 - our own docs
-    if index == 0:  # the quickstart: it prints the prediction and writes the overlay
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(PYTHON_BLOCKS[index], f"README.md block {index}", "exec"), namespace)  # noqa: S102 - our docs
+    if index == 0:  # the quickstart: it prints the prediction and writes the overlay, and no map is flat
+        assert not [w for w in caught if "flat" in str(w.message)], "the quickstart's first run warns of flat maps"
         printed = capsys.readouterr().out
         assert "predicted: [" in printed and (offline_hubs / "overlay.png").stat().st_size > 10_000
         maps, predicted = namespace["maps"], namespace["predicted"]
         assert maps.shape == (8, 1, 14, 14) and maps.min() >= 0 and maps.max() <= 1
-        every = namespace["cam"].attribute_all_classes(namespace["images"], normalize=False)
-        raw = namespace["cam"].attribute(namespace["images"], target=predicted, normalize=False)
+        setting = dict(kernel="dirac", residual="input", scores="logits", normalize=False)
+        every = namespace["cam"].attribute_all_classes(namespace["images"], **setting)
+        raw = namespace["cam"].attribute(namespace["images"], target=predicted, **setting)
         torch.testing.assert_close(raw[:, 0], every[torch.arange(8), predicted])  # one pass, every class
 
 
