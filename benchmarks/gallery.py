@@ -26,6 +26,8 @@ from captum_vit.methods import EXPLAINERS, TITLES  # noqa: E402
 
 GALLERY = ROOT / "docs" / "assets" / "gallery"
 PAGE = ROOT / "docs" / "gallery.md"
+#: drawn by tests/test_docs.py from the tests' models of every family
+FAMILY_FIGURE = "families/families.jpg"
 #: one figure row per group: ViT-ReciproCAM's settings, then every other explainer
 GROUPS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("reciprocam", tuple(m for m in EXPLAINERS if m.startswith("reciprocam"))),
@@ -42,14 +44,19 @@ def page(manifest: Dict[str, List[str]]) -> str:
              "built on the bundled pictures, where the coloured mark that decides the label is boxed. Each map "
              "is shown min-max scaled over the picture; its caption gives the raw range. Written by "
              "`python benchmarks/gallery.py`; a test checks this page lists exactly its images.", "",
-             "Not shown: a map per model family. The families other than timm's load only from model hubs, "
-             "which this project's machines cannot reach; maps of randomly initialised models would show noise "
-             "and say nothing about the method.", ""]
+             "Last, every supported model family on one picture, with **random weights**: trained weights of "
+             "most families come only from model hubs, which this project's machines cannot reach. That figure "
+             "shows each family's grid and that its map is drawn; it says nothing about what a trained model of "
+             "the family attends to. `tests/test_docs.py` draws it (`CAPTUM_VIT_WRITE_GALLERY=1`) from the "
+             "tests' small models of every family.", ""]
     for group, files in manifest["groups"].items():
         methods = manifest["methods"][group]
         lines += [f"## {HEADINGS[group]}", "", "Left to right: " + "; ".join(TITLES[m] for m in methods) + ".", ""]
         for name in files:
             lines += [f"![{Path(name).stem} ({group})](assets/gallery/{group}/{name})", ""]
+    lines += ["## Every family (random weights)", "",
+              "ViT-ReciproCAM at each model's last block (the general path, which runs on every family), "
+              "the class the random model predicts.", "", f"![every family](assets/gallery/{FAMILY_FIGURE})", ""]
     return "\n".join(lines)
 
 

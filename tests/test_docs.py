@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -83,3 +84,63 @@ def test_the_gallery_shows_every_explainer_and_is_current():
 def test_the_built_site_is_ignored_and_the_changelog_page_is_the_changelog():
     assert "site/" in (ROOT / ".gitignore").read_text().split()
     assert (ROOT / "docs" / "changelog.md").read_text() == (ROOT / "CHANGELOG.md").read_text()
+
+
+FAMILY_FIGURE = ROOT / "docs" / "assets" / "gallery" / "families" / "families.jpg"
+FAMILY_LIST = FAMILY_FIGURE.with_name("families.json")
+
+
+def _draw_families(names) -> None:
+    """Each family's ViT-ReciproCAM map (last block, general path) of one bundled picture, random weights."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from families import build
+    from PIL import Image
+
+    from captum_vit import LayerReciproCAM
+    from captum_vit.models import ASSETS
+    from captum_vit.visualization import draw_overlay, pyplot
+
+    picture = np.asarray(Image.open(ASSETS / "samples" / "cat_test3009.png").convert("RGB"), dtype=np.float32) / 255
+    pixels = F.interpolate(torch.from_numpy(picture).permute(2, 0, 1)[None], size=(64, 64), mode="bilinear")
+    image = (pixels[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    plt = pyplot()
+    cols = 6
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        model, blocks, _ = build(name)
+        with torch.no_grad():
+            out = model(pixels * 2 - 1)
+        predicted = int((out.logits if hasattr(out, "logits") else out).argmax(1))
+        cam = LayerReciproCAM(model, blocks[-1])
+        raw = cam.attribute(pixels * 2 - 1, target=predicted, path="general", normalize=False)
+        draw_overlay(ax, image, raw[0], name)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    FAMILY_FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    png = FAMILY_FIGURE.with_suffix(".png")
+    fig.savefig(png, dpi=70, bbox_inches="tight")
+    plt.close(fig)
+    Image.open(png).convert("RGB").save(FAMILY_FIGURE, quality=85, optimize=True)
+    png.unlink()
+    FAMILY_LIST.write_text(json.dumps(list(names), indent=2) + "\n")
+
+
+def test_the_gallery_shows_every_family():
+    """docs/gallery.md ends with every family of tests/families.py on one picture (random weights, said on the
+    page); CAPTUM_VIT_WRITE_GALLERY=1 draws it again."""
+    import os
+
+    from families import FAMILIES
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("open_clip")
+    if os.environ.get("CAPTUM_VIT_WRITE_GALLERY") == "1":
+        _draw_families(list(FAMILIES))
+    assert FAMILY_FIGURE.exists() and FAMILY_FIGURE.stat().st_size > 50_000
+    assert json.loads(FAMILY_LIST.read_text()) == list(FAMILIES), (
+        "a family was added or renamed: CAPTUM_VIT_WRITE_GALLERY=1 pytest tests/test_docs.py")
+    assert "assets/gallery/families/families.jpg" in (ROOT / "docs" / "gallery.md").read_text()
