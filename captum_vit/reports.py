@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .methods import TITLES
-from .metrics import FIELDS, EvaluationResult, adcc_score
+from .metrics import AGGREGATES, EvaluationResult, field_spec
 
-ADCC_PARTS = ("average_drop", "coherency", "complexity")
 
 
 @dataclass
@@ -25,24 +24,26 @@ class WrittenEvaluation:
 
 
 def summary_of(result: EvaluationResult) -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """`EvaluationResult.summary`, plus ``adcc_of_means`` where ADCC's parts were measured."""
+    """`EvaluationResult.summary`, plus each metric's aggregates (`captum_vit.metrics.AggregateSpec`, e.g.
+    ``adcc_of_means``) where their inputs were measured."""
     summary = result.summary()
     for method, values in result.values.items():
-        if all(part in values for part in ADCC_PARTS):
-            means = [values[part].double().mean() for part in ADCC_PARTS]
-            summary[method]["adcc_of_means"] = {"mean": float(adcc_score(*means)), "n": len(result.indices),
-                                                "higher_is_better": True}
+        for aggregate in AGGREGATES.values():
+            if all(name in values for name in aggregate.inputs):
+                means = [values[name].double().mean() for name in aggregate.inputs]
+                summary[method][aggregate.name] = {"mean": float(aggregate.compute(*means)), "n": len(result.indices),
+                                                   "higher_is_better": aggregate.higher_is_better}
     return summary
 
 
 def _meaning(name: str) -> str:
-    if name == "adcc_of_means":
-        return "ADCC of the dataset means of its parts (the ViT-ReciproCAM paper's Table 1 figure)"
-    if name == "adcc":
-        return "mean of each image's ADCC (harmonic mean of coherency, 1 - complexity, 1 - average drop)"
-    if name.startswith("spearman/"):
-        return f"Spearman of the map with the map after randomising the model down to {name.split('/', 1)[1]}"
-    return FIELDS.get(name, (name, True))[0]
+    if name in AGGREGATES:
+        return AGGREGATES[name].description
+    return field_spec(name).describe(name)
+
+
+def _shown(name: str) -> bool:
+    return name in AGGREGATES or field_spec(name).shown
 
 
 def _cell(stats: Dict[str, Any]) -> str:
@@ -55,7 +56,7 @@ def markdown_table(summary: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
     """Methods as rows, figures as columns (arrows: which way is better), mean [95 % interval]."""
     names: List[str] = []
     for values in summary.values():
-        names += [k for k in values if k not in names and k != "constant_map"]
+        names += [k for k in values if k not in names and _shown(k)]
     arrow = {True: "↑", False: "↓"}
     head = "| method | " + " | ".join(f"{n}{arrow[next(v[n] for v in summary.values() if n in v)['higher_is_better']]}"
                                      for n in names) + " |"
@@ -70,7 +71,7 @@ def explained(summary: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
     for method, values in summary.items():
         lines.append(f"{TITLES.get(method, method)}:")
         for name, stats in values.items():
-            if name == "constant_map":
+            if not _shown(name):
                 continue
             better = "higher is better" if stats["higher_is_better"] else "lower is better"
             lines.append(f"  {name:>20}: {_cell(stats):>24}  {_meaning(name)}; {better}")
@@ -82,7 +83,8 @@ def plot(summary: Dict[str, Dict[str, Dict[str, Any]]], path: Path, title: str) 
     from .visualization import pyplot
 
     plt = pyplot()
-    names = [n for n in next(iter(summary.values())) if n not in ("constant_map", "adcc_of_means")]
+    # figures with an interval: the aggregates are one number each, said in the table
+    names = [n for n in next(iter(summary.values())) if _shown(n) and n not in AGGREGATES]
     columns = min(4, len(names))
     rows = -(-len(names) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.9 * rows), squeeze=False)

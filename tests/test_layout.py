@@ -122,3 +122,16 @@ def _private_uses_outside(folder: Path) -> List[str]:
 def test_tests_benchmarks_and_tutorials_use_only_public_names():
     root = PACKAGE.parent
     assert [use for folder in ("tests", "benchmarks", "tutorials") for use in _private_uses_outside(root / folder)] == []
+
+
+def test_reports_name_no_metric():
+    """reports.py reads what each metric's spec says (fields shown, aggregates, descriptions, which way is
+    better): no string in it names a metric, a field or an aggregate of the registry."""
+    import ast
+
+    from captum_vit.metrics import AGGREGATES, FIELDS, METRICS
+
+    names = set(METRICS) | set(FIELDS) | set(AGGREGATES)
+    tree = ast.parse((PACKAGE / "reports.py").read_text())
+    literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not literals & names, f"reports.py names {sorted(literals & names)}"

@@ -31,7 +31,18 @@ from ._checkpoint import MANIFEST, CheckpointDirectory, CheckpointMismatchError
 from ._deletion import deletion_insertion
 from ._distributed import join_torchrun
 from ._evaluate import evaluate_adcc
-from ._registry import ALIASES, FIELDS, METRICS, ExplainedBatch, FieldSpec, MetricSpec, field_spec, grid_scores
+from ._registry import (
+    AGGREGATES,
+    ALIASES,
+    FIELDS,
+    METRICS,
+    AggregateSpec,
+    ExplainedBatch,
+    FieldSpec,
+    MetricSpec,
+    field_spec,
+    grid_scores,
+)
 from ._runner import DatasetItems, EvaluationBatch, EvaluationConfig, EvaluationResult, evaluate
 from ._evidence import bootstrap_interval, cascading_randomization, evidence_mass, rank_correlation, top_pixel_inside
 from ._known_evidence import (
@@ -67,6 +78,8 @@ __all__ = [
     "EvaluationConfig",
     "EvaluationResult",
     "ExplainedBatch",
+    "AGGREGATES",
+    "AggregateSpec",
     "FIELDS",
     "FieldSpec",
     "field_spec",

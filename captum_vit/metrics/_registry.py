@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._adcc import ADCCResult, adcc
+from ._adcc import ADCCResult, adcc, adcc_score
 from ._deletion import deletion_insertion
 from ._evidence import evidence_mass, rank_correlation, top_pixel_inside
 from ._localization import box_localization, box_mask
@@ -75,6 +75,14 @@ class FieldSpec:
     name: str
     description: str
     higher_is_better: bool = True
+    #: a figure of tables and plots (``False``: a per-image flag, kept in the records only)
+    shown: bool = True
+
+    def describe(self, field_name: str) -> str:
+        """The description of ``field_name`` (a stage field names its stage)."""
+        if "{stage}" not in self.name:
+            return self.description
+        return f"{self.description} ({field_name[len(self.name.split('{stage}')[0]):]})"
 
     def named(self, stages: Sequence[str] = ()) -> Tuple[str, ...]:
         return tuple(self.name.format(stage=s) for s in stages) if "{stage}" in self.name else (self.name,)
@@ -84,6 +92,17 @@ class FieldSpec:
             return field_name == self.name
         prefix = self.name.split("{stage}")[0]
         return field_name.startswith(prefix) and len(field_name) > len(prefix)
+
+
+@dataclass(frozen=True)
+class AggregateSpec:
+    """A figure of the whole dataset computed from the per-image means of some fields (no interval)."""
+
+    name: str
+    description: str
+    inputs: Tuple[str, ...]
+    compute: Callable[..., Tensor] = field(repr=False)
+    higher_is_better: bool = True
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,8 @@ class MetricSpec:
     compute: Callable[[ExplainedBatch], Dict[str, Tensor]] = field(repr=False)
     fields: Tuple[FieldSpec, ...] = ()
     needs: FrozenSet[str] = frozenset()
+    #: figures of the whole dataset the reports add (the ADCC of the means of its parts)
+    aggregates: Tuple[AggregateSpec, ...] = ()
 
     def output_fields(self, stages: Sequence[str] = ()) -> Tuple[str, ...]:
         return tuple(name for f in self.fields for name in f.named(stages))
@@ -179,13 +200,20 @@ def _randomization(batch: ExplainedBatch) -> Dict[str, Tensor]:
 
 
 _ADCC_FIELDS = {
-    "average_drop": ("ADCC's Average Drop: the probability lost on the map-masked image", False),
-    "average_increase": ("ADCC's Average Increase: the masked image scores higher", True),
-    "coherency": ("ADCC's Coherency: the map of the masked image correlates with the map", True),
-    "complexity": ("ADCC's Complexity: the map's mean value", False),
-    "adcc": ("ADCC: the harmonic mean of coherency, 1 - complexity and 1 - average drop", True),
-    "constant_map": ("ADCC's flag: the map (or the masked image's) is constant", False),
+    "average_drop": FieldSpec("average_drop", "ADCC's Average Drop: the probability lost on the map-masked image",
+                              higher_is_better=False),
+    "average_increase": FieldSpec("average_increase", "ADCC's Average Increase: the masked image scores higher"),
+    "coherency": FieldSpec("coherency", "ADCC's Coherency: the map of the masked image correlates with the map"),
+    "complexity": FieldSpec("complexity", "ADCC's Complexity: the map's mean value", higher_is_better=False),
+    "adcc": FieldSpec("adcc", "mean of each image's ADCC (harmonic mean of coherency, 1 - complexity, 1 - average "
+                      "drop)"),
+    "constant_map": FieldSpec("constant_map", "ADCC's flag: the map (or the masked image's) is constant",
+                              higher_is_better=False, shown=False),
 }
+_ADCC_OF_MEANS = AggregateSpec(
+    "adcc_of_means", "ADCC of the dataset means of its parts (the ViT-ReciproCAM paper's Table 1 figure)",
+    ("average_drop", "coherency", "complexity"), lambda drop, coherency, complexity: adcc_score(drop, coherency,
+                                                                                              complexity))
 
 _SPECS = (
     MetricSpec("evidence_mass", "share of the map's positive mass inside the boxes (or the decisive mark)", _mass,
@@ -205,7 +233,7 @@ _SPECS = (
                           higher_is_better=False),
                 FieldSpec("insertion", "insertion AUC: the target's probability as the map's pixels are revealed"))),
     MetricSpec("adcc", "Average Drop, Average Increase, Coherency, Complexity and ADCC (Poppi et al.)", _adcc,
-               tuple(FieldSpec(f.name, *_ADCC_FIELDS[f.name]) for f in fields(ADCCResult))),
+               tuple(_ADCC_FIELDS[f.name] for f in fields(ADCCResult)), aggregates=(_ADCC_OF_MEANS,)),
     MetricSpec("pair", "class-specific pointing on two-mark canvases (known evidence)", _pair,
                (FieldSpec("pair_pointing", "class-specific pointing on two-mark canvases (known evidence)"),),
                needs=frozenset({"evidence"})),
@@ -233,6 +261,10 @@ METRICS: Dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
 #: per-image field -> (what it measures, True when higher is better), from the entries' `FieldSpec`s
 FIELDS: Dict[str, Tuple[str, bool]] = {f.name: (f.description, f.higher_is_better)
                                        for spec in _SPECS for f in spec.fields}
+
+
+#: every aggregate any registry metric adds, by name
+AGGREGATES: Dict[str, AggregateSpec] = {a.name: a for spec in _SPECS for a in spec.aggregates}
 
 
 def field_spec(field_name: str) -> FieldSpec:
