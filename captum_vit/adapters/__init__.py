@@ -15,25 +15,12 @@ from typing import Any, Callable, List, Optional, Tuple, Type
 import torch
 from torch import nn
 
-from ._base import (
-    HEAD_CLASS_AND_PATCHES,
-    HEAD_PATCHES_ONLY,
-    HEAD_PREFIX_ONLY,
-    HEAD_UNKNOWN,
-    AttentionMath,
-    BlockView,
-    Call,
-    GradientRule,
-    LRPBlock,
-    LRPHead,
-    SupportsExport,
-    SupportsLRP,
-    UnsupportedModelError,
-    ViTAdapter,
-    merge_heads,
-    split_call,
-    split_heads,
-)
+from .._utils import module_of
+from ._attention_math import AttentionMath, Call, GradientRule, merge_heads, split_call, split_heads
+from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, HEAD_UNKNOWN, ViTAdapter
+from ._block_view import BlockView
+from ._capabilities import LRPBlock, LRPHead, SupportsExport, SupportsLRP
+from ._errors import UnsupportedModelError
 from ._roles import ROLE_ACTIVATION, ROLE_LINEAR, ROLE_NORM, ROLE_WEIGHTED, is_gated_mlp, relevance_role
 from .hf_swin import HFSwinAdapter
 from .hf_transformers import HFViTAdapter
@@ -48,7 +35,6 @@ from .timm_vit import TimmNaFlexViTAdapter, TimmViTAdapter
 from .timm_xcit import TimmXcitAdapter
 from .torchvision_swin import TorchvisionSwinAdapter
 from .torchvision_vit import TorchvisionViTAdapter
-from .._utils import module_of
 
 __all__ = [
     "ADAPTERS", "AttentionMath", "BlockView", "Call", "GradientRule", "LRPBlock", "LRPHead", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",

@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import BlockView, Call, split_call
+from ._attention_math import Call, split_call
+from ._block_view import BlockView
 
 #: The key of the block grid in a `Call` of a grid block.
 GRID = "captum_vit_grid"

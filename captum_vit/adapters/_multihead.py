@@ -7,7 +7,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import AttentionMath, Call, UnsupportedModelError
+from ._attention_math import AttentionMath, Call
+from ._errors import UnsupportedModelError
 
 
 class MultiheadAttentionMath(AttentionMath):

@@ -11,7 +11,7 @@ from typing import Optional
 
 from torch import nn
 
-from ._base import lazy_isinstance
+from ._errors import lazy_isinstance
 
 #: a linear or convolutional layer: LRP's gamma rule
 ROLE_WEIGHTED = "weighted"

@@ -11,16 +11,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import (
-    HEAD_CLASS_AND_PATCHES,
-    HEAD_PATCHES_ONLY,
-    HEAD_PREFIX_ONLY,
-    AttentionMath,
-    BlockView,
-    Call,
-    UnsupportedModelError,
-    ViTAdapter,
-)
+from ._attention_math import AttentionMath, Call
+from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, ViTAdapter
+from ._block_view import BlockView
+from ._errors import UnsupportedModelError
 
 
 class FusedQkvAttentionMath(AttentionMath):

@@ -22,7 +22,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import HEAD_PATCHES_ONLY, BlockView, Call, UnsupportedModelError, ViTAdapter, lazy_isinstance, split_call
+from ._attention_math import Call, split_call
+from ._base import HEAD_PATCHES_ONLY, ViTAdapter
+from ._block_view import BlockView
+from ._errors import UnsupportedModelError, lazy_isinstance
 from ._grid import WINDOW_REFUSAL, StagedGrids, halved
 
 

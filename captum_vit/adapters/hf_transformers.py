@@ -21,22 +21,14 @@ ViTModel, DeiTModel, Dinov2Model       model    ``pooler_output`` or the tokens
 
 from __future__ import annotations
 
-from typing import Optional, Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import (
-    HEAD_CLASS_AND_PATCHES,
-    HEAD_PATCHES_ONLY,
-    HEAD_PREFIX_ONLY,
-    HEAD_UNKNOWN,
-    AttentionMath,
-    BlockView,
-    Call,
-    UnsupportedModelError,
-    ViTAdapter,
-    lazy_isinstance,
-)
+from ._attention_math import AttentionMath, Call
+from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, HEAD_UNKNOWN, ViTAdapter
+from ._block_view import BlockView
+from ._errors import UnsupportedModelError, lazy_isinstance
 
 #: classification model -> what its head reads
 _CLASSIFIERS = {

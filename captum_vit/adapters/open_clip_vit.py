@@ -13,16 +13,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import (
-    HEAD_CLASS_AND_PATCHES,
-    HEAD_PATCHES_ONLY,
-    HEAD_PREFIX_ONLY,
-    BlockView,
-    Call,
-    UnsupportedModelError,
-    ViTAdapter,
-    lazy_isinstance,
-)
+from ._attention_math import Call
+from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, ViTAdapter
+from ._block_view import BlockView
+from ._errors import UnsupportedModelError, lazy_isinstance
 from ._multihead import MultiheadAttentionMath
 
 

@@ -19,7 +19,10 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ._base import HEAD_PATCHES_ONLY, BlockView, Call, UnsupportedModelError
+from ._attention_math import Call
+from ._base import HEAD_PATCHES_ONLY
+from ._block_view import BlockView
+from ._errors import UnsupportedModelError
 from ._timm import TimmAdapter
 
 CLASS_ATTENTION_REFUSAL = (

@@ -15,7 +15,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._base import AttentionMath, BlockView, Call, UnsupportedModelError
+from ._attention_math import AttentionMath, Call
+from ._block_view import BlockView
+from ._errors import UnsupportedModelError
 from ._qkv import fused_qkv_with_biases
 from ._timm import TimmAdapter
 

@@ -22,7 +22,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ._base import HEAD_CLASS_AND_PATCHES, BlockView
+from ._base import HEAD_CLASS_AND_PATCHES
+from ._block_view import BlockView
 from ._grid import StagedGrids, conv_output
 from ._timm import TimmAdapter, timm_block_view
 

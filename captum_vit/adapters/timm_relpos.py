@@ -16,7 +16,9 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ._base import BlockView, Call, UnsupportedModelError
+from ._attention_math import Call
+from ._block_view import BlockView
+from ._errors import UnsupportedModelError
 from ._timm import FusedQkvAttentionMath, LayerScaleBlockView, TimmAdapter
 
 

@@ -22,7 +22,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import HEAD_PATCHES_ONLY, BlockView, UnsupportedModelError
+from ._base import HEAD_PATCHES_ONLY
+from ._block_view import BlockView
+from ._errors import UnsupportedModelError
 from ._grid import WINDOW_REFUSAL, GridBlockView, StagedGrids, grid_tokens, halved
 from ._timm import TimmAdapter
 

@@ -12,7 +12,9 @@ from typing import Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import HEAD_CLASS_AND_PATCHES, BlockView, LRPBlock, LRPHead
+from ._base import HEAD_CLASS_AND_PATCHES
+from ._block_view import BlockView
+from ._capabilities import LRPBlock, LRPHead
 from ._timm import TimmAdapter, TimmAttentionMath, timm_block_view, timm_head_reads
 
 

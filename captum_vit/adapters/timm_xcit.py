@@ -20,7 +20,10 @@ from typing import Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import HEAD_PATCHES_ONLY, BlockView, Call, UnsupportedModelError
+from ._attention_math import Call
+from ._base import HEAD_PATCHES_ONLY
+from ._block_view import BlockView
+from ._errors import UnsupportedModelError
 from ._grid import conv_output
 from ._timm import TimmAdapter
 

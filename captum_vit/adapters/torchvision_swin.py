@@ -15,7 +15,9 @@ from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import HEAD_PATCHES_ONLY, BlockView, UnsupportedModelError, ViTAdapter, lazy_isinstance
+from ._base import HEAD_PATCHES_ONLY, ViTAdapter
+from ._block_view import BlockView
+from ._errors import UnsupportedModelError, lazy_isinstance
 from ._grid import WINDOW_REFUSAL, GridBlockView, StagedGrids, grid_tokens, halved
 
 

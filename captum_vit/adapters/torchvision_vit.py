@@ -11,7 +11,10 @@ from typing import List, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import HEAD_PREFIX_ONLY, BlockView, Call, ViTAdapter, lazy_isinstance
+from ._attention_math import Call
+from ._base import HEAD_PREFIX_ONLY, ViTAdapter
+from ._block_view import BlockView
+from ._errors import lazy_isinstance
 from ._multihead import MultiheadAttentionMath
 
 
