@@ -240,9 +240,7 @@ class AttentionExplainer(ViTAttribution):
         """
         super().__init__(forward_func, vit)
         name = self.who
-        refusal = self.adapter.attention_refusal()
-        if refusal is not None:
-            raise UnsupportedModelError(f"{name} is not defined for {type(self.adapter.model).__name__}: {refusal}.")
+        self.refuse_attention_refusal()
         if not self.adapter.has_class_token:
             raise UnsupportedModelError(
                 f"{name} reads the class token's attention row, but this model has no class token "
@@ -255,20 +253,13 @@ class AttentionExplainer(ViTAttribution):
                 "does not reach the prediction. Use LayerReciproCAM, which explains any head."
             )
         self.block_indices = resolve_blocks(self.adapter, layers)
-        self.views = [self.adapter.block_view(self.adapter.blocks[i]) for i in self.block_indices]
+        self.views = self.explicit_views(self.block_indices, "to read the attention matrix")
         # the blocks not explained still get detached attention inputs (AGCAM); found once, not per call
         self.other_attention = [
             self.adapter.block_view(block).attention_module
             for i, block in enumerate(self.adapter.blocks)
             if i not in self.block_indices
         ]
-        for i, view in zip(self.block_indices, self.views):  # fail now, not at the first call
-            if view.math is None:
-                raise UnsupportedModelError(
-                    f"{type(view.attention_module).__name__} of {self.adapter.blocks_expression()}[{i}] has no "
-                    f"explicit form in captum_vit, which {name} needs to read the attention matrix. Use "
-                    "LayerReciproCAM (its general path runs any attention module)."
-                )
 
     #: record each explained block's input and the last one's output (for `prepare_backward`)
     records_blocks = False

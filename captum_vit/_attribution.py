@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from captum.log import log_usage
@@ -33,7 +33,7 @@ from ._utils import (
     row_chunks,
     user_error_or_none,
 )
-from .adapters import UnsupportedModelError, ViTAdapter, check_runtime, eager_forward_func, find_adapter
+from .adapters import BlockView, UnsupportedModelError, ViTAdapter, check_runtime, eager_forward_func, find_adapter
 
 
 @contextlib.contextmanager
@@ -87,6 +87,26 @@ class ViTAttribution:
     @property
     def multiplies_by_inputs(self) -> bool:
         return False
+
+    def refuse_attention_refusal(self) -> None:
+        """Refuse a model whose attention the method cannot read (windows, class attention, pooled grids)."""
+        refusal = self.adapter.attention_refusal()
+        if refusal is not None:
+            model = type(self.adapter.model).__name__
+            raise UnsupportedModelError(f"{self.who} is not defined for {model}: {refusal}.")
+
+    def explicit_views(self, indices: Sequence[int], purpose: str) -> List[BlockView]:
+        """The views of blocks ``indices``, each with its attention's explicit form (`AttentionMath`), refused
+        now rather than at the first call where one has none; ``purpose``: what the method reads it for."""
+        views = [self.adapter.block_view(self.adapter.blocks[i]) for i in indices]
+        for i, view in zip(indices, views):
+            if view.math is None:
+                raise UnsupportedModelError(
+                    f"{type(view.attention_module).__name__} of {self.adapter.blocks_expression()}[{i}] has no "
+                    f"explicit form in captum_vit, which {self.who} needs {purpose}. Use LayerReciproCAM (its "
+                    "general path runs any attention module)."
+                )
+        return views
 
     def twin(self, dtype: torch.dtype, fallback: str) -> Tuple[Any, nn.Module]:
         """A copy of ``forward_func`` (and of the ViT in it) in ``dtype``: ``(forward_func, vit)``.

@@ -233,22 +233,13 @@ class AttnLRP(ViTAttribution, GradientAttribution):
         super().__init__(forward_func, vit)
         self.attention_rule, self.space = attention_rule, space
         self.linear_gamma, self.conv_gamma = float(linear_gamma), float(conv_gamma)
-        self.views = [self.adapter.block_view(block) for block in self.adapter.blocks]
+        self.refuse_attention_refusal()
+        self.views = self.explicit_views(range(len(self.adapter.blocks)), "for its attention rule")
         self.roles = self._layer_roles()
 
     def _layer_roles(self) -> Dict[nn.Module, str]:
         """Every leaf layer of the model (and of a module around it) outside the attention, with its rule."""
         name = self.who
-        refusal = self.adapter.attention_refusal()
-        if refusal is not None:
-            raise UnsupportedModelError(f"{name} is not defined for {type(self.adapter.model).__name__}: {refusal}.")
-        for i, view in enumerate(self.views):
-            if view.math is None:
-                raise UnsupportedModelError(
-                    f"{type(view.attention_module).__name__} of {self.adapter.blocks_expression()}[{i}] has no explicit "
-                    f"form in captum_vit, which {name} needs for its attention rule. Use LayerReciproCAM (any "
-                    "attention module) or IntegratedGradients."
-                )
         owner = module_of(self.forward_func)  # type: ignore[attr-defined]
         root = owner if isinstance(owner, nn.Module) and any(m is self.adapter.model for m in owner.modules()) \
             else self.adapter.model

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from ._attention import AttentionRecorder, resolve_blocks
 from ._attribution import ViTAttribution
 from ._utils import HookSet, Targets, calling_forward_func, check_choice, forward_logits
-from .adapters import UnsupportedModelError
 
 #: how a layer's tokens become its prediction: ``"mean"`` (the authors' code) or ``"model"`` (the model's pooling)
 POOLINGS = ("mean", "model")
@@ -69,18 +68,9 @@ class LeGrad(ViTAttribution, GradientAttribution):
         """
         check_choice(pooling, "pooling", POOLINGS)
         super().__init__(forward_func, vit)
-        refusal = self.adapter.attention_refusal()
-        if refusal is not None:
-            raise UnsupportedModelError(f"LeGrad is not defined for {type(self.adapter.model).__name__}: {refusal}.")
+        self.refuse_attention_refusal()
         self.block_indices = resolve_blocks(self.adapter, layers)
-        self.views = [self.adapter.block_view(self.adapter.blocks[i]) for i in self.block_indices]
-        for i, view in zip(self.block_indices, self.views):
-            if view.math is None:
-                raise UnsupportedModelError(
-                    f"{type(view.attention_module).__name__} of {self.adapter.blocks_expression()}[{i}] has no "
-                    "explicit form in captum_vit, which LeGrad needs to differentiate the attention map. Use "
-                    "LayerReciproCAM (its general path runs any attention module)."
-                )
+        self.views = self.explicit_views(self.block_indices, "to differentiate the attention map")
         self.pooling = pooling
 
     def chunk_maps(self, args: Tuple[Any, ...], targets: Targets, rows: slice) -> Tensor:
