@@ -135,3 +135,42 @@ def test_reports_name_no_metric():
     tree = ast.parse((PACKAGE / "reports.py").read_text())
     literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert not literals & names, f"reports.py names {sorted(literals & names)}"
+
+
+def _layers() -> Dict[str, int]:
+    """docs/architecture.md's table: ``{module (without "captum_vit."): layer index, bottom first}``."""
+    import re
+
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith("| layer")]
+    placed: Dict[str, int] = {}
+    for level, row in enumerate(rows):
+        for module in re.findall(r"`([\w.]+)`", row.split("|")[2]):
+            placed[module] = level
+    return placed
+
+
+def _layer_of(module: str, placed: Dict[str, int]) -> int:
+    """The layer of ``captum_vit.x.y``: its own row, or its package's (``adapters`` places every adapter)."""
+    name = module[len("captum_vit."):]
+    while name not in placed:
+        assert "." in name, f"docs/architecture.md places no layer for {module}"
+        name = name.rsplit(".", 1)[0]
+    return placed[name]
+
+
+def test_the_architecture_page_is_the_code():
+    """Every module has its layer in docs/architecture.md, and no import goes up a layer (module level or
+    inside a function; the package root, the public face, is not placed)."""
+    placed = _layers()
+    assert len(set(placed.values())) >= 8
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")} - {"captum_vit"}
+    for module in modules:
+        _layer_of(module, placed)
+    for name in placed:
+        assert f"captum_vit.{name}" in modules, f"docs/architecture.md places {name}, which does not exist"
+    upward = sorted(f"{importer} -> {target} (line {node.lineno})"
+                    for importer, target, node in _imports(module_level_only=False)
+                    if importer != "captum_vit" and target != "captum_vit"
+                    and _layer_of(target, placed) > _layer_of(importer, placed))
+    assert upward == [], "imports that go up a layer: " + "; ".join(upward)
