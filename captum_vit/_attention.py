@@ -14,20 +14,21 @@ explaining the wrong computation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ._attribution import ViTAttribution
 from ._utils import (
     HookSet,
     Targets,
     agreement_tolerance,
+    calling_forward_func,
     forward_logits,
     relative_error,
-    calling_forward_func,
 )
-from ._attribution import ViTAttribution
 from .adapters import (
     HEAD_PATCHES_ONLY,
     AttentionMath,
@@ -205,22 +206,95 @@ def resolve_blocks(adapter: ViTAdapter, layers: Optional[Sequence[Any]]) -> List
     return sorted(set(indices))
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What one forward records of the chosen blocks' attention (`AttentionRecorder`'s settings).
+
+    Attributes:
+        detach_input: feed detached inputs to every attention module (AGCAM:
+            ``dy/dA`` through skip connections and MLPs only).
+        score_rows: query rows of ``S`` that `AttentionExplainer.combine`
+            reads (``None``: all, ``0``: none).
+        gradient_rows: with ``detach_input``, the rows of ``A`` whose gradient is read.
+        record_blocks: record each explained block's input and the last one's
+            output (for `AttentionExplainer.prepare_backward`).
+    """
+
+    detach_input: bool = False
+    score_rows: Optional[int] = 0
+    gradient_rows: int = 1
+    record_blocks: bool = False
+
+
+class NoGradients:
+    """The map depends on the attention alone (rollout): no backward pass."""
+
+    needed = False
+
+    def of(self, explainer: "AttentionExplainer", score: Tensor, weights: List[Tensor],
+           retain_graph: bool) -> Optional[List[Tensor]]:
+        return None
+
+
+class AttentionGradients:
+    """``dy/dA`` of each block, whole (AGCAM reads the class-token row)."""
+
+    needed = True
+
+    def of(self, explainer: "AttentionExplainer", score: Tensor, weights: List[Tensor],
+           retain_graph: bool) -> Optional[List[Tensor]]:
+        return list(torch.autograd.grad(score, weights, retain_graph=retain_graph))
+
+
+class ReducedGradients:
+    """What `AttentionExplainer.reduce_gradient` keeps of each block's ``A`` and ``dy/dA``, taken during the
+    backward pass so that no block's whole ``(n, H, T, T)`` gradient is kept (needs an attached graph: not
+    with ``Reading.detach_input``)."""
+
+    needed = True
+
+    def of(self, explainer: "AttentionExplainer", score: Tensor, weights: List[Tensor],
+           retain_graph: bool) -> Optional[List[Tensor]]:
+        # Every later block's A lies on the path from the score to the first block's A (nothing is
+        # detached), so one backward to weights[0] reaches them all; each block's hook reduces its
+        # gradient as soon as it exists, and only the reduction is kept.
+        reduced: List[Optional[Tensor]] = [None] * len(weights)
+
+        def keeper(slot: int) -> Callable[[Tensor], None]:
+            def keep(grad: Tensor) -> None:
+                reduced[slot] = explainer.reduce_gradient(slot, weights[slot], grad)
+
+            return keep
+
+        handles = [a.register_hook(keeper(slot)) for slot, a in enumerate(weights)]
+        try:
+            torch.autograd.grad(score, weights[0], retain_graph=retain_graph)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(r is None for r in reduced):
+            raise RuntimeError("the gradient did not reach every explained block's attention.")
+        return reduced  # type: ignore[return-value]
+
+
 class AttentionExplainer(ViTAttribution):
     """Base of the attention-based explainers: owns capture, batching and output.
 
-    A subclass sets the class attributes below and implements `combine`,
-    which turns one forward's recorded attention (and, for gradient methods,
-    ``dy/dA`` of one target per example) into ``(n, h*w)`` maps.
+    A subclass chooses its `reading` (what the forward records) and its
+    `gradients` strategy (none, ``dy/dA``, or a reduction of it taken during
+    the backward pass), and implements `combine`, which turns one forward's
+    recorded attention (and the gradients of one target per example) into
+    ``(n, h*w)`` maps.
     """
 
-    #: feed detached inputs to every attention module (AGCAM)
-    detach_attention_input = False
-    #: the map depends on the target through ``dy/dA``
-    needs_gradients = False
-    #: query rows of ``S`` that `combine` reads (``None``: all, ``0``: none)
-    score_rows: Optional[int] = 0
-    #: with ``detach_attention_input``, the rows of ``A`` whose gradient `combine` reads
-    gradient_rows: int = 1
+    #: what the forward records
+    reading = Reading()
+    #: how the map depends on the target
+    gradients: Any = NoGradients()
+
+    @property
+    def needs_gradients(self) -> bool:  # type: ignore[override]
+        return self.gradients.needed
 
     def __init__(
         self,
@@ -261,17 +335,11 @@ class AttentionExplainer(ViTAttribution):
             if i not in self.block_indices
         ]
 
-    #: record each explained block's input and the last one's output (for `prepare_backward`)
-    records_blocks = False
-    #: reduce each block's ``dy/dA`` during the backward pass with `reduce_gradient`
-    #: (needs an attached graph: not with ``detach_attention_input``)
-    reduces_gradients = False
-
     def prepare_backward(self, target: Tensor, recorder: AttentionRecorder, P: int) -> None:
         """Called before the backward pass of each ``(n,)`` target column (default: nothing)."""
 
     def reduce_gradient(self, slot: int, weights: Tensor, grad: Tensor) -> Tensor:
-        """What `combine` reads of block ``slot``'s ``A`` and ``dy/dA`` (with `reduces_gradients`)."""
+        """What `combine` reads of block ``slot``'s ``A`` and ``dy/dA`` (with `ReducedGradients`)."""
         raise NotImplementedError
 
     def keep_weights(self, weights: Tensor) -> Tensor:
@@ -293,12 +361,12 @@ class AttentionExplainer(ViTAttribution):
             self.adapter,
             self.views,
             self.other_attention,
-            detach_input=self.detach_attention_input,
+            detach_input=self.reading.detach_input,
             requires_grad=self.needs_gradients,
-            score_rows=self.score_rows,
-            gradient_rows=self.gradient_rows,
+            score_rows=self.reading.score_rows,
+            gradient_rows=self.reading.gradient_rows,
             keep_weights=self.keep_weights,
-            record_blocks=self.records_blocks,
+            record_blocks=self.reading.record_blocks,
         )
         if self.needs_gradients:  # tensors made under inference_mode cannot enter autograd graphs
             args = tuple(a.clone() if isinstance(a, Tensor) and a.is_inference() else a for a in args)
@@ -316,31 +384,6 @@ class AttentionExplainer(ViTAttribution):
             for j in range(k):  # one forward, one backward per target column
                 score = logits.gather(1, chosen[:, j : j + 1]).sum()
                 self.prepare_backward(chosen[:, j], recorder, P)
-                grads = self._gradients(score, weights, retain_graph=j < k - 1)
+                grads = self.gradients.of(self, score, weights, retain_graph=j < k - 1)
                 maps.append(self.combine(scores, weights, grads, P).detach())
         return torch.stack(maps, dim=1).view(n, k, h, w)
-
-    def _gradients(self, score: Tensor, weights: List[Tensor], retain_graph: bool) -> List[Tensor]:
-        """``dy/dA`` per block, or what `reduce_gradient` keeps of it."""
-        if not self.reduces_gradients:
-            return list(torch.autograd.grad(score, weights, retain_graph=retain_graph))
-        # Every later block's A lies on the path from the score to the first block's A (nothing is
-        # detached), so one backward to weights[0] reaches them all; each block's hook reduces its
-        # gradient as soon as it exists, and only the reduction is kept.
-        reduced: List[Optional[Tensor]] = [None] * len(weights)
-
-        def keeper(slot: int) -> Callable[[Tensor], None]:
-            def keep(grad: Tensor) -> None:
-                reduced[slot] = self.reduce_gradient(slot, weights[slot], grad)
-
-            return keep
-
-        handles = [a.register_hook(keeper(slot)) for slot, a in enumerate(weights)]
-        try:
-            torch.autograd.grad(score, weights[0], retain_graph=retain_graph)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(r is None for r in reduced):
-            raise RuntimeError("the gradient did not reach every explained block's attention.")
-        return reduced  # type: ignore[return-value]

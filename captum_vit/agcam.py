@@ -8,7 +8,7 @@ import torch
 from captum.attr import GradientAttribution
 from torch import Tensor
 
-from ._attention import AttentionExplainer
+from ._attention import AttentionExplainer, AttentionGradients, Reading
 
 
 class AttentionGuidedGradCAM(AttentionExplainer, GradientAttribution):
@@ -41,10 +41,9 @@ class AttentionGuidedGradCAM(AttentionExplainer, GradientAttribution):
     blocks summed over (all by default).
     """
 
-    detach_attention_input = True
-    needs_gradients = True
-    score_rows = 1  # sigma(S) of the class-token row
-    gradient_rows = 1  # dy/dA of the class-token row: (n, H, 1, T) per block, not (n, H, T, T)
+    # sigma(S) and dy/dA of the class-token row only: (n, H, 1, T) per block, not (n, H, T, T)
+    reading = Reading(detach_input=True, score_rows=1, gradient_rows=1)
+    gradients = AttentionGradients()
 
     def combine(
         self, scores: List[Optional[Tensor]], weights: List[Tensor], grads: Optional[List[Tensor]], P: int

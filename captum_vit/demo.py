@@ -47,7 +47,8 @@ def _known_evidence(out: Path, device: torch.device, methods: Sequence[str], pic
     """Canvases built on the bundled pictures, where the mark that decides the label is known."""
     import numpy as np
 
-    from .evidence import CLASSES, MARK, denormalize as canvas_pixels, load_evidence_model, make_canvases
+    from .evidence import CLASSES, MARK, load_evidence_model, make_canvases
+    from .evidence import denormalize as canvas_pixels
     from .metrics import evidence_mass
     from .visualization import known_evidence_figure, raw_range
 

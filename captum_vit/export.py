@@ -24,8 +24,8 @@ from .reciprocam import (
     LayerReciproCAM,
     SharedProjections,
     mask_levels,
-    reciprocal_masks,
     prefix_block_rows,
+    reciprocal_masks,
     score_copies,
 )
 

@@ -8,9 +8,9 @@ model name loads with ``pretrained=True`` wherever timm can fetch weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import socket
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple

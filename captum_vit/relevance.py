@@ -15,7 +15,7 @@ import torch
 from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
-from ._attention import AttentionExplainer, AttentionRecorder
+from ._attention import AttentionExplainer, AttentionRecorder, Reading, ReducedGradients
 from ._attribution import cast_floats
 from ._utils import (
     TensorOrTuple,
@@ -185,9 +185,8 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
     every block is used (relevance passes through all of them).
     """
 
-    needs_gradients = True
-    reduces_gradients = True
-    records_blocks = True
+    reading = Reading(record_blocks=True)
+    gradients = ReducedGradients()
 
     def __init__(
         self, forward_func: Callable[..., Tensor], vit: Optional[nn.Module] = None, *, precision: str = "auto"

@@ -15,7 +15,6 @@ from .methods import TITLES
 from .metrics import AGGREGATES, EvaluationResult, field_spec
 
 
-
 @dataclass
 class WrittenEvaluation:
     files: List[Path]

@@ -8,7 +8,7 @@ import torch
 from captum.attr import Attribution, GradientAttribution
 from torch import Tensor
 
-from ._attention import AttentionExplainer
+from ._attention import AttentionExplainer, ReducedGradients
 
 
 class AttentionRollout(AttentionExplainer, Attribution):
@@ -48,8 +48,7 @@ class GradientRollout(AttentionExplainer, GradientAttribution):
     at the class-token row and the patch columns.
     """
 
-    needs_gradients = True
-    reduces_gradients = True  # one (n, T, T) per block instead of a (n, H, T, T) gradient
+    gradients = ReducedGradients()  # one (n, T, T) per block instead of a (n, H, T, T) gradient
 
     def reduce_gradient(self, slot: int, weights: Tensor, grad: Tensor) -> Tensor:
         return (grad * weights).relu().mean(dim=1)

@@ -31,6 +31,31 @@ from ._checkpoint import MANIFEST, CheckpointDirectory, CheckpointMismatchError
 from ._deletion import deletion_insertion
 from ._distributed import join_torchrun
 from ._evaluate import evaluate_adcc
+from ._evidence import bootstrap_interval, cascading_randomization, evidence_mass, rank_correlation, top_pixel_inside
+from ._grid import (
+    GridPointingResult,
+    PointingGrids,
+    build_pointing_grids,
+    confident_indices,
+    evaluate_grid_pointing,
+    make_pointing_grids,
+)
+from ._holdout import HeldOutChoice, leave_one_model_out, rank_candidates
+from ._known_evidence import (
+    KNOWN_EVIDENCE_METRICS,
+    KnownEvidenceCanvases,
+    KnownEvidenceResult,
+    evaluate_known_evidence,
+)
+from ._localization import box_localization, boxes_from_map, make_mosaic, mosaic_cell_boxes, pointing_game
+from ._maps import (
+    as_explain_func,
+    expand_to_input,
+    input_attribution,
+    patch_perturbation,
+    quantus_explain_func,
+    upsample_maps,
+)
 from ._registry import (
     AGGREGATES,
     ALIASES,
@@ -44,31 +69,6 @@ from ._registry import (
     grid_scores,
 )
 from ._runner import DatasetItems, EvaluationBatch, EvaluationConfig, EvaluationResult, evaluate
-from ._evidence import bootstrap_interval, cascading_randomization, evidence_mass, rank_correlation, top_pixel_inside
-from ._known_evidence import (
-    KNOWN_EVIDENCE_METRICS,
-    KnownEvidenceCanvases,
-    KnownEvidenceResult,
-    evaluate_known_evidence,
-)
-from ._grid import (
-    GridPointingResult,
-    PointingGrids,
-    build_pointing_grids,
-    confident_indices,
-    evaluate_grid_pointing,
-    make_pointing_grids,
-)
-from ._holdout import HeldOutChoice, leave_one_model_out, rank_candidates
-from ._localization import box_localization, boxes_from_map, make_mosaic, mosaic_cell_boxes, pointing_game
-from ._maps import (
-    as_explain_func,
-    expand_to_input,
-    input_attribution,
-    patch_perturbation,
-    quantus_explain_func,
-    upsample_maps,
-)
 
 __all__ = [
     "ADCCResult",

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._utils import module_of
 from ._checkpoint import CheckpointDirectory, method_identity, model_fingerprint, tensor_digest
 from ._distributed import distributed_rank_and_size, from_every_rank
 from ._evidence import bootstrap_interval, cascading_randomization
 from ._registry import ExplainedBatch, MetricSpec, higher_is_better, resolve_metrics
-from .._utils import module_of
 
 Box = Tuple[int, int, int, int]
 Method = Union[str, Callable[[Tensor, Tensor], Tensor]]

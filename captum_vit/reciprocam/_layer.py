@@ -9,6 +9,7 @@ from captum.attr import LayerAttribution, PerturbationAttribution
 from captum.log import log_usage
 from torch import nn
 
+from .._attribution import reporting_user_errors
 from .._utils import (
     ALL_CLASSES,
     HookSet,
@@ -20,7 +21,6 @@ from .._utils import (
     prepare_inputs,
     prepare_targets,
 )
-from .._attribution import reporting_user_errors
 from ..adapters import BlockView, ViTAdapter, check_runtime, eager_forward_func, find_adapter
 from ._engine import ReciproCAMEngine, ReciproCAMOptions, refuse_user_block_hooks
 
