@@ -10,7 +10,7 @@ import torch
 from conftest import assert_same_state, make_model, model_state
 from torch import nn
 
-from captum_vit import AttentionGuidedGradCAM, AttentionRollout, GradientRollout, LayerReciproCAM
+from captum_vit import AttentionGuidedGradCAM, AttentionRollout, AttnLRP, GradientRollout, LayerReciproCAM, LeGrad
 from captum_vit.baselines import vit_layer_gradcam
 
 
@@ -43,11 +43,14 @@ def _explainers(wrapped: nn.Module, model: nn.Module):
         "rollout": lambda x: AttentionRollout(wrapped, vit=model).attribute(x),
         "grad-rollout": lambda x: GradientRollout(wrapped, vit=model).attribute(x, target=[1, 2]),
         "layergradcam": lambda x: vit_layer_gradcam(wrapped, vit=model).attribute(x, target=[1, 2]),
+        "attnlrp": lambda x: AttnLRP(wrapped, vit=model).attribute(x, target=[1, 2]),
+        "legrad": lambda x: LeGrad(wrapped, vit=model).attribute(x, target=[1, 2]),
     }
 
 
 @pytest.mark.parametrize(
-    "method", ["reciprocam-fast", "reciprocam-general", "agcam", "rollout", "grad-rollout", "layergradcam"]
+    "method", ["reciprocam-fast", "reciprocam-general", "agcam", "rollout", "grad-rollout", "layergradcam", "attnlrp",
+               "legrad"]
 )
 def test_a_forward_in_another_thread_during_an_explanation_is_untouched(method):
     model, images = make_model("deit_tiny")
@@ -90,7 +93,7 @@ def test_a_forward_in_another_thread_during_an_explanation_is_untouched(method):
 def test_explanations_of_one_model_in_several_threads_equal_the_sequential_ones():
     model, _ = make_model("deit_tiny")
     g = torch.Generator().manual_seed(11)
-    batches = [torch.randn(2, 3, 112, 112, generator=g) for _ in range(4)]
+    batches = [torch.randn(2, 3, 112, 112, generator=g) for _ in range(6)]
     cam = LayerReciproCAM(model, model.blocks[-1])
     agcam = AttentionGuidedGradCAM(model)
     jobs = [
@@ -98,6 +101,8 @@ def test_explanations_of_one_model_in_several_threads_equal_the_sequential_ones(
         (lambda x: LayerReciproCAM(model, model.blocks[1]).attribute(x, batch_size=5)),
         (lambda x: agcam.attribute(x, target=[3, 4])),
         (lambda x: GradientRollout(model).attribute(x)),
+        (lambda x: AttnLRP(model).attribute(x, target=[3, 4])),
+        (lambda x: LeGrad(model).attribute(x, target=[3, 4])),
     ]
     expected = [job(x) for job, x in zip(jobs, batches)]
     before = model_state(model)
