@@ -368,8 +368,6 @@ class AttentionExplainer(ViTAttribution):
             keep_weights=self.keep_weights,
             record_blocks=self.reading.record_blocks,
         )
-        if self.needs_gradients:  # tensors made under inference_mode cannot enter autograd graphs
-            args = tuple(a.clone() if isinstance(a, Tensor) and a.is_inference() else a for a in args)
         grad_mode = torch.enable_grad() if self.needs_gradients else torch.no_grad()
         with grad_mode:
             with self.adapter.recording_image_size() as size, recorder, calling_forward_func():

@@ -66,14 +66,16 @@ def cast_floats(value: Any, dtype: torch.dtype) -> Any:
 class ViTAttribution:
     """Base of captum_vit's explainers that run one chunk of images at a time.
 
-    Subclasses set `needs_gradients` and implement `chunk_maps`; they may
-    override `flat_hint` (what to try when a map is flat).
+    Subclasses set `needs_gradients` and implement `chunk_maps`. A method
+    whose rules need another precision than the model's overrides
+    `precision_for` and `on_copy`: `attribute` then explains a copy of the
+    model in that precision (`twin`), and the user's model is not touched.
     """
 
     #: the method differentiates the model (refused under ``torch.inference_mode``)
     needs_gradients = False
-    #: appended to the flat-map warning
-    flat_hint = ""
+    #: in the refusal to copy a plain-function ``forward_func``: the option that avoids the copy
+    copy_fallback = "a model in the precision the method computes in"
 
     def __init__(self, forward_func: Callable[..., Any], vit: Optional[nn.Module] = None) -> None:
         self.adapter: ViTAdapter = find_adapter(forward_func, None, vit)
@@ -108,12 +110,21 @@ class ViTAttribution:
                 )
         return views
 
-    def twin(self, dtype: torch.dtype, fallback: str) -> Tuple[Any, nn.Module]:
+    def precision_for(self, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """The precision the maps are computed in, for a model in ``model_dtype`` on ``device`` (default: the
+        model's own)."""
+        return model_dtype
+
+    def on_copy(self, forward_func: Callable[..., Any], vit: nn.Module, dtype: torch.dtype) -> "ViTAttribution":
+        """This method, with its settings, on a copy of the model in ``dtype`` (with `precision_for`)."""
+        raise NotImplementedError
+
+    def twin(self, dtype: torch.dtype) -> Tuple[Any, nn.Module]:
         """A copy of ``forward_func`` (and of the ViT in it) in ``dtype``: ``(forward_func, vit)``.
 
         For methods whose rules need more precision than the model's own; the
-        user's model is never touched. ``fallback`` says, in the refusal for a
-        plain-function ``forward_func``, which option avoids the copy.
+        user's model is never touched. A plain-function ``forward_func``
+        cannot be copied: the refusal names `copy_fallback`.
         """
         forward_func = self.forward_func  # type: ignore[attr-defined]
         owner = module_of(forward_func)
@@ -121,7 +132,7 @@ class ViTAttribution:
             raise UnsupportedModelError(
                 f"{self.who} computes its maps in {str(dtype).replace('torch.', '')} on a copy of the model, and "
                 "forward_func is a plain function, which cannot be copied with the model. Pass the model (or a module "
-                f"around it) as forward_func, or {fallback}."
+                f"around it) as forward_func, or {self.copy_fallback}."
             )
         path = next(name for name, m in owner.named_modules() if m is self.adapter.model)
         copied = copy.deepcopy(owner).to(dtype)
@@ -167,16 +178,27 @@ class ViTAttribution:
             for a method that maps the input pixels (``(B, k, ...)`` for a
             2-D target).
         """
-        prepared = prepare_inputs(inputs, additional_forward_args)
+        prepared = prepare_inputs(inputs, additional_forward_args)  # bad input is refused here, first
+        model_dtype = compute_dtype(self.adapter.model, prepared.images.device)
+        dtype = self.precision_for(model_dtype, prepared.images.device)
+        if dtype != model_dtype:
+            copied = self.on_copy(*self.twin(dtype), dtype)
+            return copied.attribute(cast_floats(inputs, dtype), target, cast_floats(additional_forward_args, dtype),
+                                    normalize, batch_size)
         targets = prepare_targets(target, prepared.batch_size)
         check_batch_size(batch_size)
         with self.adapter.explaining():
             check_runtime(self.adapter, self.who, needs_gradients=self.needs_gradients)
             with reporting_user_errors(self.forward_func, prepared, self.who):  # type: ignore[attr-defined]
-                chunks = [
-                    self.chunk_maps(prepared.forward_args(rows), targets, rows)
-                    for rows in row_chunks(prepared.batch_size, batch_size)
-                ]
-        dtype = compute_dtype(self.adapter.model, prepared.images.device)
-        maps = output_maps(torch.cat(chunks), normalize, who=self.who, dtype=dtype, hint=self.flat_hint)
+                chunks = [self.chunk_maps(self._chunk_args(prepared, rows), targets, rows)
+                          for rows in row_chunks(prepared.batch_size, batch_size)]
+        maps = output_maps(torch.cat(chunks), normalize, who=self.who, dtype=dtype)
         return prepared.format(maps)
+
+    def _chunk_args(self, prepared: PreparedInputs, rows: slice) -> Tuple[Any, ...]:
+        """``forward_func``'s arguments for ``rows``; for a gradient method, tensors made under
+        ``torch.inference_mode`` are cloned, since they cannot enter an autograd graph."""
+        args = prepared.forward_args(rows)
+        if not self.needs_gradients:
+            return args
+        return tuple(a.clone() if isinstance(a, Tensor) and a.is_inference() else a for a in args)

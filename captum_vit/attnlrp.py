@@ -17,17 +17,14 @@ from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
 from ._attention import AttentionRecorder
-from ._attribution import ViTAttribution, cast_floats
+from ._attribution import ViTAttribution
 from ._utils import (
     HookSet,
     Targets,
-    TensorOrTuple,
     calling_forward_func,
     check_choice,
-    compute_dtype,
     forward_logits,
     module_of,
-    prepare_inputs,
 )
 from .adapters import (
     ROLE_ACTIVATION,
@@ -202,6 +199,7 @@ class AttnLRP(ViTAttribution, GradientAttribution):
     """
 
     needs_gradients = True
+    copy_fallback = "a float32 model"
 
     def __init__(
         self,
@@ -268,17 +266,13 @@ class AttnLRP(ViTAttribution, GradientAttribution):
             roles[module] = role
         return roles
 
-    def attribute(self, inputs: TensorOrTuple, target: Any = None, additional_forward_args: Any = None,
-                  normalize: bool = True, batch_size: Optional[int] = None) -> TensorOrTuple:
-        """As `ViTAttribution.attribute`; a float16/bfloat16 model is explained on a float32 copy."""
-        device = prepare_inputs(inputs, additional_forward_args).images.device  # bad input is refused here, first
-        if compute_dtype(self.adapter.model, device) not in (torch.float16, torch.bfloat16):
-            return super().attribute(inputs, target, additional_forward_args, normalize, batch_size)
-        twin, vit = self.twin(torch.float32, fallback="a float32 model")
-        explainer = AttnLRP(twin, vit=vit, attention_rule=self.attention_rule, linear_gamma=self.linear_gamma,
-                            conv_gamma=self.conv_gamma, space=self.space)
-        return explainer.attribute(cast_floats(inputs, torch.float32), target,
-                                   cast_floats(additional_forward_args, torch.float32), normalize, batch_size)
+    def precision_for(self, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """A float16/bfloat16 model is explained on a float32 copy; any other in its own precision."""
+        return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
+
+    def on_copy(self, forward_func: Callable[..., Any], vit: nn.Module, dtype: torch.dtype) -> "AttnLRP":
+        return AttnLRP(forward_func, vit=vit, attention_rule=self.attention_rule, linear_gamma=self.linear_gamma,
+                       conv_gamma=self.conv_gamma, space=self.space)
 
     def chunk_maps(self, args: Tuple[Any, ...], targets: Targets, rows: slice) -> Tensor:
         images = args[0].detach().clone().requires_grad_(True)  # a clone: inference tensors cannot enter a graph

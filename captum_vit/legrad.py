@@ -74,8 +74,6 @@ class LeGrad(ViTAttribution, GradientAttribution):
         self.pooling = pooling
 
     def chunk_maps(self, args: Tuple[Any, ...], targets: Targets, rows: slice) -> Tensor:
-        if any(isinstance(a, Tensor) and a.is_inference() for a in args):
-            args = tuple(a.clone() if isinstance(a, Tensor) and a.is_inference() else a for a in args)
         recorder = AttentionRecorder(self.adapter, self.views, requires_grad=True, score_rows=0)
         layer_tokens: List[Optional[Tensor]] = [None] * len(self.views)
         with torch.enable_grad():
@@ -102,6 +100,7 @@ class LeGrad(ViTAttribution, GradientAttribution):
         pooled tokens together: the model then returns ``((1 + m) * n, C)`` logits."""
         hooks = HookSet()
         adapter, last = self.adapter, self.adapter.blocks[-1]
+        last_view = adapter.block_view(last)
 
         def keep(slot: int, view: Any) -> Callable[..., None]:
             def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
@@ -110,11 +109,10 @@ class LeGrad(ViTAttribution, GradientAttribution):
             return hook
 
         def join(module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
-            view = adapter.block_view(last)
-            real = adapter.layer_tokens(view.unwrap_output(output))
+            real = adapter.layer_tokens(last_view.unwrap_output(output))
             copies = [self._pooled(t) for t in layer_tokens]  # type: ignore[arg-type]
             joined = torch.cat([real, *copies], dim=0)
-            return view.wrap_output(output, adapter.layer_output(joined, view.unwrap_output(output)))
+            return last_view.wrap_output(output, adapter.layer_output(joined, last_view.unwrap_output(output)))
 
         for slot, view in enumerate(self.views):
             hooks.forward_hook(view.block, keep(slot, view))

@@ -16,13 +16,9 @@ from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
 from ._attention import AttentionExplainer, AttentionRecorder, Reading, ReducedGradients
-from ._attribution import cast_floats
 from ._utils import (
-    TensorOrTuple,
     agreement_tolerance,
     check_choice,
-    compute_dtype,
-    prepare_inputs,
     relative_error,
 )
 from .adapters import LRPBlock, LRPHead, SupportsLRP, UnsupportedModelError, merge_heads, split_heads
@@ -187,6 +183,8 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
 
     reading = Reading(record_blocks=True)
     gradients = ReducedGradients()
+    copy_fallback = ("precision='float32' to use the model as it is (its maps then depend on rounding; see the "
+                     "precision argument)")
 
     def __init__(
         self, forward_func: Callable[..., Tensor], vit: Optional[nn.Module] = None, *, precision: str = "auto"
@@ -227,18 +225,12 @@ class TransformerAttribution(AttentionExplainer, GradientAttribution):
             return getattr(torch, self.precision)
         return torch.float64 if float64_is_fast(device) else torch.float32
 
-    def attribute(self, inputs: TensorOrTuple, target: Any = None, additional_forward_args: Any = None,
-                  normalize: bool = True, batch_size: Optional[int] = None) -> TensorOrTuple:
-        """As `AttentionExplainer.attribute`; computed in `relevance_dtype`, maps in float32."""
-        device = prepare_inputs(inputs, additional_forward_args).images.device  # bad input is refused here, first
-        dtype = self.relevance_dtype(device)
-        if compute_dtype(self.adapter.model, device) == dtype:
-            return super().attribute(inputs, target, additional_forward_args, normalize, batch_size)
-        twin, vit = self.twin(dtype, fallback="precision='float32' to use the model as it is (its maps then depend "
-                                              "on rounding; see the precision argument)")
-        explainer = TransformerAttribution(twin, vit=vit, precision=str(dtype).replace("torch.", ""))
-        return explainer.attribute(cast_floats(inputs, dtype), target, cast_floats(additional_forward_args, dtype),
-                                   normalize, batch_size)
+    def precision_for(self, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """`relevance_dtype`: the maps are computed in it, on a copy of the model when the model differs."""
+        return self.relevance_dtype(device)
+
+    def on_copy(self, forward_func: Callable[..., Any], vit: nn.Module, dtype: torch.dtype) -> "TransformerAttribution":
+        return TransformerAttribution(forward_func, vit=vit, precision=str(dtype).replace("torch.", ""))
 
     def prepare_backward(self, target: Tensor, recorder: AttentionRecorder, P: int) -> None:
         inputs = recorder.block_inputs
