@@ -127,11 +127,17 @@ def test_evaluate_on_a_folder(sample, tmp_path, capsys):
                      "--out", str(out)]) == 0  # --data, as before
 
 
-def test_evaluate_on_a_class_folder_tree_with_several_methods_and_metrics(tmp_path, capsys):
+def _class_tree(tmp_path, pictures):
+    """``tmp_path/tree/<folder>/<picture>``: a bundled picture in each class folder (``{folder: picture}``)."""
     tree = tmp_path / "tree"
-    for name in ("cat_test3009.png", "ship_test8001.png"):
-        (tree / name.split("_")[0]).mkdir(parents=True)
-        shutil.copyfile(ASSETS / "samples" / name, tree / name.split("_")[0] / name)
+    for folder, name in pictures.items():
+        (tree / folder).mkdir(parents=True)
+        shutil.copyfile(ASSETS / "samples" / name, tree / folder / name)
+    return tree
+
+
+def test_evaluate_on_a_class_folder_tree_with_several_methods_and_metrics(tmp_path, capsys):
+    tree = _class_tree(tmp_path, {"cat": "cat_test3009.png", "ship": "ship_test8001.png"})
     out = tmp_path / "out"
     code = cli.main(["evaluate", str(tree), "--use-labels", "--method", "rollout", "--method", "reciprocam-fast",
                      "--metric", "deletion", "--metric", "constant", "--out", str(out)])
@@ -296,10 +302,7 @@ def test_each_registry_option_is_accepted_by_its_builder():
 def test_evaluate_reads_folders_that_name_no_class_unless_labels_are_asked_for(tmp_path, capsys):
     """Without --use-labels the labels are not used, so folders that match no class name are read unlabelled;
     with it they are refused, naming the folders."""
-    tree = tmp_path / "tree"
-    for folder, name in (("house_cats", "cat_test3009.png"), ("boats", "ship_test8001.png")):
-        (tree / folder).mkdir(parents=True)
-        shutil.copyfile(ASSETS / "samples" / name, tree / folder / name)
+    tree = _class_tree(tmp_path, {"house_cats": "cat_test3009.png", "boats": "ship_test8001.png"})
     args = ["evaluate", str(tree), "--method", "rollout", "--metric", "constant", "--out", str(tmp_path / "out")]
     assert cli.main(args) == 0
     assert "2 images" in capsys.readouterr().out
@@ -346,10 +349,7 @@ def test_unreadable_images_follow_one_rule_and_the_limit_counts_images_explained
 
 
 def test_per_image_records_name_the_file_label_target_and_prediction(tmp_path, capsys):
-    tree = tmp_path / "tree"
-    for name in ("cat_test3009.png", "ship_test8001.png"):
-        (tree / name.split("_")[0]).mkdir(parents=True)
-        shutil.copyfile(ASSETS / "samples" / name, tree / name.split("_")[0] / name)
+    tree = _class_tree(tmp_path, {"cat": "cat_test3009.png", "ship": "ship_test8001.png"})
     out = tmp_path / "out"
     assert cli.main(["evaluate", str(tree), "--method", "rollout", "--metric", "constant", "--out", str(out)]) == 0
     records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
