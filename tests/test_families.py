@@ -130,6 +130,55 @@ def test_attention_methods_equal_literal_references(family, which):
     assert_same_state(before, model_state(model))
 
 
+#: families whose keys and values are plain affine maps of the tokens (no qk-norm, RoPE or split biases): the
+#: attention at a few rows then never projects the keys and values
+FOLDED_KEYS = {
+    "timm ViT (2 registers)", "timm DeiT distilled", "timm ViT, avg pool (MAE-style)", "timm NaFlexViT",
+    "timm relative-position ViT (shared bias, no prefix token)", "timm PiT (the grid pooled between stages)",
+    "torchvision ViT", "transformers ViTForImageClassification", "transformers DeiTForImageClassificationWithTeacher",
+    "transformers Dinov2ForImageClassification", "transformers Dinov2WithRegisters (2 registers)",
+    "transformers CLIPVisionModel + linear head", "open_clip VisionTransformer + linear head",
+    "open_clip CLIP zero-shot (prompts as classes)", "transformers CLIPModel zero-shot (prompts as classes)",
+}
+
+
+def test_prefix_attention_equals_the_attention_module(family):
+    """The attention at the first rows, as ViT-ReciproCAM's last block computes it (keys and values folded
+    into the queries where they are affine maps of the tokens), equals the module's own output there."""
+    from captum_vit.adapters import find_adapter, merge_heads
+
+    name, model, blocks, images = family
+    adapter = find_adapter(model)
+    views = [adapter.block_view(b) for b in blocks]
+    views = [v for v in views if v.math is not None]
+    if not views:
+        pytest.skip(f"{name}: no block has an explicit attention")
+    seen = {}
+
+    def keep(module, args, kwargs, output):
+        seen[module] = (args, kwargs, output)
+
+    handles = [v.attention_module.register_forward_hook(keep, with_kwargs=True) for v in views]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    folded = 0
+    for view in views:
+        math = view.math
+        args, kwargs, output = seen[view.attention_module]
+        z, call = math.read_call(args, kwargs)
+        folded += math.key_value_maps(call) is not None
+        rows = 3
+        with torch.no_grad():
+            got = math.finish(merge_heads(math.prefix_attention(z, call, rows)),
+                              z[:, :rows] if math.finish_reads_input else None)
+        torch.testing.assert_close(got, math.unwrap_output(output)[:, :rows], **TOL)
+    assert (folded == len(views)) == (name in FOLDED_KEYS), f"{name}: {folded} of {len(views)} blocks folded"
+
+
 def test_supported_models_table_is_current():
     """docs/models.md's table is measured here; CAPTUM_VIT_WRITE_SUPPORT_TABLE=1 writes it
     (python benchmarks/support_table.py)."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._utils import module_of
-from ._attention_math import AttentionMath, Call, GradientRule, merge_heads, split_call, split_heads
+from ._attention_math import AttentionMath, Call, GradientRule, KeyValueMaps, merge_heads, split_call, split_heads
 from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, HEAD_UNKNOWN, ViTAdapter
 from ._block_view import BlockView
 from ._capabilities import LRPBlock, LRPHead, SupportsExport, SupportsLRP
@@ -37,7 +37,7 @@ from .torchvision_swin import TorchvisionSwinAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
 __all__ = [
-    "ADAPTERS", "AttentionMath", "BlockView", "Call", "GradientRule", "LRPBlock", "LRPHead", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
+    "ADAPTERS", "AttentionMath", "BlockView", "Call", "GradientRule", "KeyValueMaps", "LRPBlock", "LRPHead", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
     "HEAD_PREFIX_ONLY", "HEAD_UNKNOWN", "SupportsExport", "SupportsLRP", "UnsupportedModelError", "ViTAdapter", "check_runtime",
     "eager_forward_func", "find_adapter", "is_gated_mlp", "merge_heads", "relevance_role", "split_call", "split_heads",
     "supported_families", "ROLE_ACTIVATION", "ROLE_LINEAR", "ROLE_NORM", "ROLE_WEIGHTED",

@@ -40,6 +40,21 @@ def merge_heads(o: Tensor) -> Tensor:
     return o.transpose(1, 2).reshape(B, T, H * d)
 
 
+@dataclass(frozen=True)
+class KeyValueMaps:
+    """An attention's keys and values as affine maps of each input token ``z``, per head ``h``:
+    ``k_h = key_weight[h] z + (a key bias)`` and ``v_h = value_weight[h] z + value_bias[h]``.
+
+    Weights ``(H, d, D)``, ``value_bias`` ``(H, d)`` or ``None``. The key bias
+    is left out: it adds ``q . b_k`` to every score of a query row, which the
+    softmax cancels.
+    """
+
+    key_weight: Tensor
+    value_weight: Tensor
+    value_bias: Optional[Tensor]
+
+
 class AttentionMath:
     r"""Explicit self-attention of one module, from the family's own parts.
 
@@ -101,6 +116,11 @@ class AttentionMath:
         """An additive ``(..., H, T, T)`` bias of the scores, or ``None``."""
         return None
 
+    def key_value_maps(self, call: Call) -> Optional[KeyValueMaps]:
+        """The keys and values as affine maps of the input token, where that is all they are (no norm,
+        rotary embedding or other transform after the linear layer); ``None`` (the default) otherwise."""
+        return None
+
     def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         """``(B, T, H*d)`` head outputs (and the module input ``x``, ``None`` unless `finish_reads_input`)
         -> module output."""
@@ -135,6 +155,33 @@ class AttentionMath:
         if bias is not None:
             scores = scores + bias
         return self.attention_dropout(scores.softmax(dim=-1)) @ v
+
+    def prefix_attention(self, z: Tensor, call: Call, rows: int) -> Tensor:
+        """``(N, H, rows, d)``: ``A v`` at the first ``rows`` query rows of inputs ``z`` (``(N, T, D)``).
+
+        Where the keys and values are affine maps of the tokens
+        (`key_value_maps`), they are never projected: a query's scores are
+        ``(W_k^T q) . z_t`` and its output ``W_v (sum_t A_t z_t) + b_v`` (the
+        weights sum to one), ``2 H D`` multiplications per token instead of the
+        ``2 D^2`` of projecting its key and value. The same sums in another
+        order: equal up to rounding.
+        """
+        bias = self.score_bias(call)
+        bias = None if bias is None else bias[..., :rows, :]
+        maps = self.key_value_maps(call)
+        if maps is None:
+            q, k, v = self.project_rows(z, call, rows)
+            return self.attend(q, k, v, bias)
+        H = self.num_heads
+        q = self.project(z[:, :rows], call)[0]  # (N, H, rows, d): the wanted rows' queries only
+        reach = torch.einsum("nhrd,hdk->nhrk", q * self.scale, maps.key_weight)  # (N, H, rows, D)
+        scores = (reach.flatten(1, 2) @ z.transpose(1, 2)).unflatten(1, (H, rows))  # (N, H, rows, T)
+        if bias is not None:
+            scores = scores + bias
+        weights = self.attention_dropout(scores.softmax(dim=-1))
+        mixed = (weights.flatten(1, 2) @ z).unflatten(1, (H, rows))  # (N, H, rows, D): sum_t A_t z_t
+        out = torch.einsum("nhrk,hdk->nhrd", mixed, maps.value_weight)
+        return out if maps.value_bias is None else out + maps.value_bias[:, None, :]
 
     def explicit(
         self, x: Tensor, call: Call, leaf_rows: Optional[int] = None, rule: Optional["GradientRule"] = None

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._attention_math import AttentionMath, Call
+from ._attention_math import AttentionMath, Call, KeyValueMaps
 from ._errors import UnsupportedModelError
 
 
@@ -38,6 +38,13 @@ class MultiheadAttentionMath(AttentionMath):
         u = F.linear(x, m.in_proj_weight, m.in_proj_bias)
         q, k, v = (self.split_heads(t) for t in u.chunk(3, dim=-1))
         return q, k, v
+
+    def key_value_maps(self, call: Call) -> Optional[KeyValueMaps]:
+        m = self.module
+        H, d, D = self.num_heads, self.head_dim, m.embed_dim
+        weight, bias = m.in_proj_weight, m.in_proj_bias
+        return KeyValueMaps(weight[D : 2 * D].view(H, d, D), weight[2 * D :].view(H, d, D),
+                            None if bias is None else bias[2 * D :].view(H, d))
 
     def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         return self.module.out_proj(merged)

@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._attention_math import AttentionMath, Call
+from ._attention_math import AttentionMath, Call, KeyValueMaps
 from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, ViTAdapter
 from ._block_view import BlockView
 from ._errors import UnsupportedModelError
@@ -40,6 +40,16 @@ class FusedQkvAttentionMath(AttentionMath):
         kv = F.linear(x, weight[width:], None if bias is None else bias[width:])
         k, v = (self.split_heads(u) for u in kv.chunk(2, dim=-1))
         return m.q_norm(self.split_heads(q)), m.k_norm(k), v
+
+    def key_value_maps(self, call: Call) -> Optional[KeyValueMaps]:
+        m = self.module
+        plain = type(m.qkv) is nn.Linear and isinstance(m.k_norm, nn.Identity)
+        if not plain or type(self).project is not FusedQkvAttentionMath.project:  # a subclass's own projection
+            return None
+        H, d, width = self.num_heads, self.head_dim, m.qkv.out_features // 3
+        weight, bias = m.qkv.weight, m.qkv.bias
+        return KeyValueMaps(weight[width : 2 * width].view(H, d, -1), weight[2 * width :].view(H, d, -1),
+                            None if bias is None else bias[2 * width :].view(H, d))
 
     def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         return self.module.proj_drop(self.module.proj(merged))

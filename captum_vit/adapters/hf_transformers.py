@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._attention_math import AttentionMath, Call
+from ._attention_math import AttentionMath, Call, KeyValueMaps
 from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, HEAD_UNKNOWN, ViTAdapter
 from ._block_view import BlockView
 from ._errors import UnsupportedModelError, lazy_isinstance
@@ -71,6 +71,14 @@ class HFAttentionMath(AttentionMath):
     def project(self, x: Tensor, call: Call) -> Tuple[Tensor, Tensor, Tensor]:
         m = self.module
         return self.split_heads(m.q_proj(x)), self.split_heads(m.k_proj(x)), self.split_heads(m.v_proj(x))
+
+    def key_value_maps(self, call: Call) -> Optional[KeyValueMaps]:
+        key, value = self.module.k_proj, self.module.v_proj
+        if type(key) is not nn.Linear or type(value) is not nn.Linear:
+            return None
+        H, d = self.num_heads, self.head_dim
+        return KeyValueMaps(key.weight.view(H, d, -1), value.weight.view(H, d, -1),
+                            None if value.bias is None else value.bias.view(H, d))
 
     def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         return self.out_proj(merged)

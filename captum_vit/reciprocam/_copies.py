@@ -224,9 +224,6 @@ def block_prefix_rows(view: BlockView, x: Tensor, num_prefix: int, call: Call) -
     math: Optional[AttentionMath] = view.math
     assert math is not None
     z = view.norm1(x)
-    attention_call = view.attention_call(call)
-    q, k, v = math.project_rows(z, attention_call, num_prefix)
-    bias = math.score_bias(attention_call)
-    out = math.attend(q, k, v, None if bias is None else bias[..., :num_prefix, :])
+    out = math.prefix_attention(z, view.attention_call(call), num_prefix)
     attention = math.finish(merge_heads(out), z[:, :num_prefix] if math.finish_reads_input else None)
     return view.finish(x[:, :num_prefix], attention)

@@ -201,10 +201,10 @@ class SharedProjectionCopies(CopyStrategy):
         self.prefix_output = prefix_output
 
     def copies_per_call(self, num_cells: int) -> int:
-        if not self.prefix_output:
+        if not (self.prefix_output or self.next_is_last):
             return super().copies_per_call(num_cells)
-        # Nothing after the block sees the copies' patch rows: whole images per pass, as many as the token
-        # budget holds (an image's tokens before the block, its copies' prefix rows after), at most
+        # Nothing after the blocks computed here sees the copies' patch rows: whole images per pass, as many as
+        # the token budget holds (an image's tokens before the block, its copies' prefix rows after), at most
         # ``batch_size`` images, since inside the block each image computes at least one copy at a time.
         P = self.adapter.num_prefix_tokens
         images = max(1, GENERAL_TOKEN_BUDGET // (P + num_cells + (num_cells + 1) * P))
@@ -212,7 +212,17 @@ class SharedProjectionCopies(CopyStrategy):
             images = min(images, self.options.batch_size)
         return images * (num_cells + 1)
 
+    @property
+    def next_is_last(self) -> bool:
+        """The last block, whose prefix rows are computed, comes right after the explained one."""
+        return (self.last_view is not None and self.block_index == len(self.adapter.blocks) - 2
+                and self.adapter.copies_enter_at(self.block_index) is None)
+
     def install(self, hooks: HookSet, forward: _Pass) -> None:
+        if self.next_is_last:
+            assert self.last_view is not None
+            _ThroughLastBlock(self, self.last_view, forward).install(hooks)
+            return
         super().install(hooks, forward)
         if self.last_view is not None:
             _LastBlockPrefixRows(self.adapter, self.last_view, forward).install(hooks)
@@ -234,6 +244,11 @@ class SharedProjectionCopies(CopyStrategy):
             for chunk in row_chunks(masks.shape[0], _copies_per_chunk(None, 1, T)):
                 copy_block_rows(self.view, x, shared, image, masks[chunk], level_index[chunk], residual,
                                 out=into[image, chunk])
+
+    def shared_projections(self, x: Tensor, call: Call, masks: Tensor) -> Tuple[SharedProjections, Tensor]:
+        """The projections every copy of ``x`` reads, and each copy's level per token."""
+        levels, level_index = mask_levels(masks)
+        return SharedProjections(self.view.math, self.view.norm1(x), levels, self.view.attention_call(call)), level_index
 
 
 def _copies_per_chunk(batch_size: Optional[int], num_images: int, rows: int) -> int:
@@ -287,6 +302,63 @@ class _LastBlockPrefixRows:
                 rows[image, part] = block_prefix_rows(self.view, self.copies[image, part], P, call)
         self.copies = None
         return self.view.wrap_output(output, rows.view(n * count, P, D))
+
+
+class _ThroughLastBlock:
+    """Hooks on the explained block and on the last block right after it: a chunk of copies at a time
+    through both blocks, so nothing the size of every copy is built.
+
+    The explained block keeps its own output (the model carries one row per
+    image to the last block) and its hook keeps the block's input. The last
+    block's hook returns, per image, the last block's own output for the
+    unmasked copy and, chunk by chunk, `block_prefix_rows` of the explained
+    block's masked copies (`copy_block_rows`): ``(n * count, P, D)``, all
+    that a head reading prefix tokens sees. Exact only if nothing acts on the
+    tensor between the two blocks; the strategy's behavioural proof checks that.
+    """
+
+    def __init__(self, strategy: SharedProjectionCopies, last_view: BlockView, forward: _Pass) -> None:
+        self.strategy = strategy
+        self.last_view = last_view
+        self.forward = forward
+        self.block_input: Optional[Tuple[Tensor, Call]] = None
+
+    def install(self, hooks: HookSet) -> None:
+        hooks.forward_hook(self.strategy.view.block, self._keep_input, with_kwargs=True)
+        hooks.forward_hook(self.last_view.block, self._prefix_rows, with_kwargs=True)
+
+    def _keep_input(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        view = self.strategy.view
+        x, call = view.read_call(args, kwargs)
+        assert view.math is not None
+        view.math.check_call(view.attention_call(call))
+        self.forward.images_seen = x.shape[0]
+        self.block_input = (x, call)
+
+    def _prefix_rows(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        assert self.block_input is not None
+        (x, call), self.block_input = self.block_input, None
+        _, last_call = self.last_view.read_call(args, kwargs)
+        strategy, copies = self.strategy, self.forward.copies
+        n, T, D = x.shape
+        P, grid = self.forward.layout(strategy.adapter, T, strategy.block_index)
+        rows = x.new_empty(n, copies.count, P, D)
+        first = int(copies.with_unmasked)
+        if first:
+            rows[:, 0] = self.last_view.unwrap_output(output)[:, :P]
+        if copies.cells:
+            masks = strategy.options.masks(grid, P, x)[list(copies.cells)]
+            shared, level_index = strategy.shared_projections(x, call, masks)
+            per_chunk = _copies_per_chunk(strategy.options.batch_size, 1, T)
+            block_rows = x.new_empty(min(per_chunk, masks.shape[0]), T, D)  # one buffer, reused while in cache
+            for image in range(n):
+                for chunk in row_chunks(masks.shape[0], per_chunk):
+                    out = block_rows[: chunk.stop - chunk.start]
+                    copy_block_rows(strategy.view, x, shared, image, masks[chunk], level_index[chunk],
+                                    strategy.options.residual, out=out)
+                    rows[image, chunk.start + first : chunk.stop + first] = block_prefix_rows(
+                        self.last_view, out, P, last_call)
+        return self.last_view.wrap_output(output, rows.view(n * copies.count, P, D))
 
 
 class ReciproCAMEngine:
