@@ -33,7 +33,15 @@ from ._utils import (
     row_chunks,
     user_error_or_none,
 )
-from .adapters import BlockView, UnsupportedModelError, ViTAdapter, check_runtime, eager_forward_func, find_adapter
+from .adapters import (
+    BlockView,
+    RefusesAttentionMethods,
+    UnsupportedModelError,
+    ViTAdapter,
+    check_runtime,
+    eager_forward_func,
+    find_adapter,
+)
 
 
 @contextlib.contextmanager
@@ -92,10 +100,9 @@ class ViTAttribution:
 
     def refuse_attention_refusal(self) -> None:
         """Refuse a model whose attention the method cannot read (windows, class attention, pooled grids)."""
-        refusal = self.adapter.attention_refusal()
-        if refusal is not None:
+        if isinstance(self.adapter, RefusesAttentionMethods):
             model = type(self.adapter.model).__name__
-            raise UnsupportedModelError(f"{self.who} is not defined for {model}: {refusal}.")
+            raise UnsupportedModelError(f"{self.who} is not defined for {model}: {self.adapter.attention_refusal()}.")
 
     def explicit_views(self, indices: Sequence[int], purpose: str) -> List[BlockView]:
         """The views of blocks ``indices``, each with its attention's explicit form (`AttentionMath`), refused

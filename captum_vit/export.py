@@ -18,10 +18,8 @@ from torch import Tensor, nn
 from ._utils import agreement_tolerance, check_choice, minmax_normalize, relative_error
 from .adapters import HEAD_PREFIX_ONLY, Call, SupportsExport, UnsupportedModelError, find_adapter
 from .reciprocam import (
-    KERNELS,
-    RESIDUALS,
-    SCORES,
     LayerReciproCAM,
+    ReciproCAMOptions,
     SharedProjections,
     mask_levels,
     prefix_block_rows,
@@ -79,9 +77,9 @@ class ExplainedViT(nn.Module):
         normalize: bool = True,
     ) -> None:
         super().__init__()
-        check_choice(kernel, "kernel", KERNELS)
-        check_choice(scores, "scores", SCORES)
-        check_choice(residual, "residual", RESIDUALS)
+        options = ReciproCAMOptions(kernel=kernel, keep_prefix_tokens=keep_prefix_tokens, scores=scores,
+                                    residual=residual)
+        options.check()  # the options class LayerReciproCAM and the registry read
         check_choice(targets, "targets", TARGETS)
         adapter = find_adapter(model)
         if not isinstance(adapter, SupportsExport):
@@ -106,7 +104,8 @@ class ExplainedViT(nn.Module):
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.grid = adapter.grid_for(self.image_size)
         self.num_prefix_tokens = adapter.num_prefix_tokens
-        self.options = dict(kernel=kernel, keep_prefix_tokens=keep_prefix_tokens, scores=scores, residual=residual)
+        #: the ViT-ReciproCAM options, as `LayerReciproCAM.attribute` takes them
+        self.options = {name: getattr(options, name) for name in ("kernel", "keep_prefix_tokens", "scores", "residual")}
         self.targets = targets
         self.normalize = normalize
         masks = reciprocal_masks(self.grid, self.num_prefix_tokens, kernel, keep_prefix_tokens)

@@ -42,6 +42,7 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor, nn
 
+from ._utils import check_choice
 from .adapters import UnsupportedModelError, find_adapter
 from .agcam import AttentionGuidedGradCAM
 from .attnlrp import ATTENTION_RULES, SPACES, AttnLRP
@@ -157,6 +158,9 @@ class MethodSpec:
 
     def build(self, context: BuildContext) -> "MethodExplainer":
         context.refuse_options(self.title, tuple(o.name for o in self.options))
+        for option in self.options:  # a misspelt choice is refused now, not at the first explanation
+            if option.choices is not None and option.name in context.options:
+                check_choice(context.options[option.name], option.name, option.choices)
         fn, options = self.builder(context)
         return MethodExplainer(self, fn, options)
 

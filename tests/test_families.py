@@ -151,8 +151,9 @@ def test_prefix_attention_equals_the_attention_module(family):
     adapter = find_adapter(model)
     views = [adapter.block_view(b) for b in blocks]
     views = [v for v in views if v.math is not None]
-    if not views:
-        pytest.skip(f"{name}: no block has an explicit attention")
+    if not views:  # windows and class attention have no explicit form: nothing is computed at a few rows
+        assert name in WINDOWED | CLASS_ATTENTION, f"{name}: no block has an explicit attention"
+        return
     seen = {}
 
     def keep(module, args, kwargs, output):

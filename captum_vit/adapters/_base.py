@@ -100,24 +100,6 @@ class ViTAdapter:
         """``(B, T, D)`` tokens back in the layout of the layer output ``like`` (inverse of `layer_tokens`)."""
         return tokens
 
-    def copies_enter_at(self, index: int) -> Optional[nn.Module]:
-        """The module whose input must already hold every masked copy when block ``index`` is explained, or ``None``.
-
-        A stage that reads the batch size before its blocks and reshapes their
-        output with it (PiT) passes on no more rows than it received; ViT-ReciproCAM
-        then repeats that module's input once per copy (`repeat_for_copies`)
-        and the explained block masks each repeat.
-        """
-        return None
-
-    def repeat_for_copies(self, args: Tuple[Any, ...], count: int) -> Tuple[Any, ...]:
-        """The positional input of `copies_enter_at`'s module with every example repeated ``count`` times."""
-        raise NotImplementedError
-
-    def attention_refusal(self) -> Optional[str]:
-        """Why no method reading attention matrices applies to this family, with what to use instead, or ``None``."""
-        return None
-
     @property
     def head_reads(self) -> str:
         """One of the ``HEAD_*`` constants of this module."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from torch import Tensor, nn
@@ -9,24 +10,51 @@ from torch import Tensor, nn
 from ._attention_math import AttentionMath, Call, split_call
 
 
+@dataclass(frozen=True)
+class PreNormParts:
+    """A pre-norm block by the names of its sub-modules:
+    ``y = x + drop1(scale1(attention(norm1(x))))``, then ``y + drop2(scale2(mlp(norm2(y))))``.
+
+    A layer scale names a module (timm's ``ls1``) or a tensor that multiplies
+    (BEiT's ``gamma_1``, ``None`` on a block built without); a part the
+    block does not have is ``None``.
+    """
+
+    norm1: str = "norm1"
+    attention: str = "attn"
+    norm2: str = "norm2"
+    mlp: str = "mlp"
+    scale1: Optional[str] = None
+    scale2: Optional[str] = None
+    drop1: Optional[str] = None
+    drop2: Optional[str] = None
+
+
 class BlockView:
     """One pre-norm block: ``y = r + ls1(attn(norm1(x))); y + ls2(mlp(norm2(y)))``.
 
-    A family subclass maps these parts to the block's own sub-modules
-    (`layer_scale1`, `mlp_branch`; `finish` is their fixed
-    composition, which ReciproCAM's fast path also applies row by row). The
-    standard call uses ``r = x``; ReciproCAM re-runs the block on a masked
-    normalised input with the residual it chooses (`forward`).
+    A family's view names the block's parts (`PreNormParts`: the class's
+    ``parts``, or ``parts=`` for one block) and says how its attention is
+    called; `layer_scale1` and `mlp_branch` read the parts, and `finish`
+    is their fixed composition, which ReciproCAM's fast path also applies row
+    by row. The standard call uses ``r = x``; ReciproCAM re-runs the block on a
+    masked normalised input with the residual it chooses (`forward`).
     """
 
-    def __init__(self, block: nn.Module, math: Optional[AttentionMath]) -> None:
+    #: the block's parts by name
+    parts: PreNormParts = PreNormParts()
+
+    def __init__(
+        self, block: nn.Module, math: Optional[AttentionMath] = None, parts: Optional[PreNormParts] = None
+    ) -> None:
         self.block = block
         self.math = math
-
-    #: sub-module whose output is the normalised block input (Captum LayerGradCam reads it)
-    norm1_module: nn.Module
-    #: the attention module, hooked by the attention capture
-    attention_module: nn.Module
+        if parts is not None:
+            self.parts = parts
+        #: sub-module whose output is the normalised block input (Captum LayerGradCam reads it)
+        self.norm1_module: nn.Module = getattr(block, self.parts.norm1)
+        #: the attention module, hooked by the attention capture
+        self.attention_module: nn.Module = getattr(block, self.parts.attention)
 
     def read_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
         """Split the block's call into its ``(B, T, D)`` input and the rest."""
@@ -46,15 +74,24 @@ class BlockView:
         return self.norm1_module(x)
 
     def attention(self, z: Tensor, call: Call) -> Tensor:
-        """The module's own attention forward (hooks and patches included)."""
-        raise NotImplementedError
+        """The module's own attention forward (hooks and patches included), with `attention_call`'s arguments."""
+        return self.attention_module(z, *call.args, **call.kwargs)
 
     def layer_scale1(self, a: Tensor) -> Tensor:
-        return a
+        return self._branch(a, self.parts.scale1, self.parts.drop1)
 
     def mlp_branch(self, y: Tensor) -> Tensor:
-        """``ls2(mlp(norm2(y)))``."""
-        raise NotImplementedError
+        """``drop2(scale2(mlp(norm2(y))))``."""
+        b, parts = self.block, self.parts
+        return self._branch(getattr(b, parts.mlp)(getattr(b, parts.norm2)(y)), parts.scale2, parts.drop2)
+
+    def _branch(self, a: Tensor, scale: Optional[str], drop: Optional[str]) -> Tensor:
+        factor = None if scale is None else getattr(self.block, scale)
+        if isinstance(factor, nn.Module):
+            a = factor(a)
+        elif factor is not None:
+            a = factor * a
+        return a if drop is None else getattr(self.block, drop)(a)
 
     def finish(self, residual: Tensor, attention_out: Tensor) -> Tensor:
         y = residual + self.layer_scale1(attention_out)

@@ -8,7 +8,7 @@ families that support it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Protocol, Tuple, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Tuple, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -70,3 +70,25 @@ class SupportsExport(Protocol):
 
     def forward_head_on_prefix(self, prefix: Tensor) -> Tensor:
         """Logits from the ``(N, P, D)`` prefix rows of the last block's output (a head reading prefix tokens)."""
+
+
+@runtime_checkable
+class EntersCopiesEarly(Protocol):
+    """A family whose stage reads the batch size before its blocks and reshapes their output with it (PiT):
+    it passes on no more rows than it received, so ViT-ReciproCAM's copies enter at a module before the
+    explained block (its input repeated once per copy) and the explained block masks each repeat."""
+
+    def copies_enter_at(self, index: int) -> Optional[nn.Module]:
+        """The module whose input must already hold every copy when block ``index`` is explained, or ``None``."""
+
+    def repeat_for_copies(self, args: Tuple[Any, ...], count: int) -> Tuple[Any, ...]:
+        """The positional input of `copies_enter_at`'s module with every example repeated ``count`` times."""
+
+
+@runtime_checkable
+class RefusesAttentionMethods(Protocol):
+    """A family that no method reading attention matrices applies to (windows, class attention, pooled
+    grids, cross-covariance attention)."""
+
+    def attention_refusal(self) -> str:
+        """Why, with what to use instead."""

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from torch import Tensor, nn
 
 from ._attention_math import Call, split_call
+from ._base import HEAD_PATCHES_ONLY
 from ._block_view import BlockView
 
 #: The key of the block grid in a `Call` of a grid block.
@@ -65,6 +66,26 @@ class StagedGrids:
 
     def block_grid(self, index: int, image_hw: Sequence[int]) -> Tuple[int, int]:
         return self.stage_grids(image_hw)[index]
+
+
+class WindowedStages(StagedGrids):
+    """Mixin of a Swin-style adapter: staged grids, no prefix tokens, a head on the pooled patches, and
+    attention within windows, which no method reading attention matrices applies to."""
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0
+
+    @property
+    def has_class_token(self) -> bool:
+        return False
+
+    @property
+    def head_reads(self) -> str:
+        return HEAD_PATCHES_ONLY
+
+    def attention_refusal(self) -> str:
+        return WINDOW_REFUSAL
 
 
 def halved(grid: Tuple[int, int]) -> Tuple[int, int]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ._attention_math import AttentionMath, Call, KeyValueMaps
 from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, ViTAdapter
-from ._block_view import BlockView
+from ._block_view import BlockView, PreNormParts
 from ._errors import UnsupportedModelError
 
 
@@ -61,17 +61,7 @@ class FusedQkvAttentionMath(AttentionMath):
 class LayerScaleBlockView(BlockView):
     """timm's pre-norm block: ``x + drop_path1(ls1(attn(norm1(x))))``, then ``+ drop_path2(ls2(mlp(norm2(.))))``."""
 
-    def __init__(self, block: nn.Module, math: Optional[AttentionMath]) -> None:
-        super().__init__(block, math)
-        self.norm1_module = block.norm1
-        self.attention_module = block.attn
-
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        return self.block.drop_path1(self.block.ls1(a))
-
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        return b.drop_path2(b.ls2(b.mlp(b.norm2(y))))
+    parts = PreNormParts(scale1="ls1", scale2="ls2", drop1="drop_path1", drop2="drop_path2")
 
 
 class TimmAttentionMath(FusedQkvAttentionMath):
@@ -97,9 +87,6 @@ class TimmBlockView(LayerScaleBlockView):
 
         # a subclass of Attention may compute something else: only the class itself has an explicit form
         super().__init__(block, TimmAttentionMath(block.attn) if type(block.attn) is Attention else None)
-
-    def attention(self, z: Tensor, call: Call) -> Tensor:
-        return self.block.attn(z)
 
 
 def timm_block_view(block: nn.Module, family: str) -> TimmBlockView:

@@ -18,24 +18,22 @@ ViT-ReciproCAM checks it against the layer's own output before use.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from torch import Tensor, nn
 
 from ._attention_math import Call, split_call
-from ._base import HEAD_PATCHES_ONLY, ViTAdapter
-from ._block_view import BlockView
+from ._base import ViTAdapter
+from ._block_view import BlockView, PreNormParts
 from ._errors import UnsupportedModelError, lazy_isinstance
-from ._grid import WINDOW_REFUSAL, StagedGrids, halved
+from ._grid import WindowedStages, halved
 
 
 class SwinLayerView(BlockView):
     """transformers ``SwinLayer``: the input dimensions travel in the call; the output is a tuple."""
 
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__(block, None)
-        self.norm1_module = block.layernorm_before
-        self.attention_module = block.attention
+    parts = PreNormParts(norm1="layernorm_before", attention="attention", norm2="layernorm_after", drop1="drop_path",
+                         drop2="dropout")
 
     def read_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
         return split_call(args, kwargs)
@@ -63,15 +61,8 @@ class SwinLayerView(BlockView):
         out = layer.cyclic_shift(window_reverse(out, size, hp, wp), reverse=True)
         return out[:, :h, :w].reshape(N, h * w, D)
 
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        return self.block.drop_path(a)
 
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        return b.dropout(b.mlp(b.layernorm_after(y)))
-
-
-class HFSwinAdapter(StagedGrids, ViTAdapter):
+class HFSwinAdapter(WindowedStages, ViTAdapter):
     """transformers ``SwinModel``: the layers of every stage, in order."""
 
     family = "transformers SwinModel"
@@ -89,14 +80,6 @@ class HFSwinAdapter(StagedGrids, ViTAdapter):
         return "[b for stage in model.swin.encoder.layers for b in stage.blocks]"
 
     @property
-    def num_prefix_tokens(self) -> int:
-        return 0
-
-    @property
-    def has_class_token(self) -> bool:
-        return False
-
-    @property
     def image_module(self) -> nn.Module:
         return self.model.embeddings.patch_embeddings
 
@@ -108,13 +91,6 @@ class HFSwinAdapter(StagedGrids, ViTAdapter):
             grids += [grid] * len(stage.blocks)
             grid = grid if stage.downsample is None else halved(grid)
         return grids
-
-    def attention_refusal(self) -> Optional[str]:
-        return WINDOW_REFUSAL
-
-    @property
-    def head_reads(self) -> str:
-        return HEAD_PATCHES_ONLY
 
     def block_view(self, block: nn.Module) -> BlockView:
         if not lazy_isinstance(block, "transformers.models.swin.modeling_swin", ["SwinLayer"]):

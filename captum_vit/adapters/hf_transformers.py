@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ._attention_math import AttentionMath, Call, KeyValueMaps
 from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, HEAD_UNKNOWN, ViTAdapter
-from ._block_view import BlockView
+from ._block_view import BlockView, PreNormParts
 from ._errors import UnsupportedModelError, lazy_isinstance
 
 #: classification model -> what its head reads
@@ -90,17 +90,25 @@ class HFAttentionMath(AttentionMath):
         return output[0] if isinstance(output, tuple) else output
 
 
+def _layer_parts(block: nn.Module) -> PreNormParts:
+    """The parts of a ``Dinov2Layer`` (layer scales, drop path), a ``ViTLayer``/``DeiTLayer`` (dropout as the
+    only scale) or a ``CLIPEncoderLayer``."""
+    if hasattr(block, "layer_scale1"):
+        return PreNormParts(attention="attention", scale1="layer_scale1", scale2="layer_scale2", drop1="drop_path",
+                            drop2="drop_path")
+    if hasattr(block, "layernorm_before"):
+        drop = "dropout" if hasattr(block, "dropout") else None
+        return PreNormParts(norm1="layernorm_before", attention="attention", norm2="layernorm_after", drop1=drop,
+                            drop2=drop)
+    return PreNormParts(norm1="layer_norm1", attention="self_attn", norm2="layer_norm2")
+
+
 class HFLayerView(BlockView):
-    """``ViTLayer``/``DeiTLayer`` (dropout as the only scale), ``Dinov2Layer`` (layer scales,
-    drop path), ``CLIPEncoderLayer`` (``layer_norm1``/``self_attn``/``layer_norm2``)."""
+    """``ViTLayer``/``DeiTLayer``, ``Dinov2Layer``, ``CLIPEncoderLayer`` (`_layer_parts`)."""
 
     def __init__(self, block: nn.Module) -> None:
-        attention = getattr(block, "attention", None) or getattr(block, "self_attn")
-        super().__init__(block, HFAttentionMath(attention))
-        self.attention_module = attention
-        self.norm1_module = (
-            getattr(block, "layernorm_before", None) or getattr(block, "norm1", None) or getattr(block, "layer_norm1")
-        )
+        parts = _layer_parts(block)
+        super().__init__(block, HFAttentionMath(getattr(block, parts.attention)), parts)
 
     def read_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
         return self.math.read_call(args, kwargs)  # layers and their attention take the same call
@@ -110,20 +118,6 @@ class HFLayerView(BlockView):
 
     def attention(self, z: Tensor, call: Call) -> Tensor:
         return self.attention_module(z, *call.args, **call.kwargs)[0]
-
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        b = self.block
-        if hasattr(b, "layer_scale1"):
-            return b.drop_path(b.layer_scale1(a))
-        return b.dropout(a) if hasattr(b, "dropout") else a
-
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        if hasattr(b, "layer_scale2"):
-            return b.drop_path(b.layer_scale2(b.mlp(b.norm2(y))))
-        if hasattr(b, "layernorm_after"):
-            return b.dropout(b.mlp(b.layernorm_after(y)))
-        return b.mlp(b.layer_norm2(y))
 
 
 class HFViTAdapter(ViTAdapter):

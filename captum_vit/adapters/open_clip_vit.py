@@ -15,16 +15,16 @@ from torch import Tensor, nn
 
 from ._attention_math import Call
 from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, ViTAdapter
-from ._block_view import BlockView
+from ._block_view import BlockView, PreNormParts
 from ._errors import UnsupportedModelError, lazy_isinstance
 from ._multihead import MultiheadAttentionMath
 
 
 class ResidualAttentionBlockView(BlockView):
+    parts = PreNormParts(norm1="ln_1", norm2="ln_2", scale1="ls_1", scale2="ls_2")
+
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block, MultiheadAttentionMath(block.attn))
-        self.norm1_module = block.ln_1
-        self.attention_module = block.attn
 
     def read_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tensor, Call]:
         x, call = super().read_call(args, kwargs)
@@ -35,12 +35,6 @@ class ResidualAttentionBlockView(BlockView):
     def attention(self, z: Tensor, call: Call) -> Tensor:
         return self.block.attention(q_x=z)
 
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        return self.block.ls_1(a)
-
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        return b.ls_2(b.mlp(b.ln_2(y)))
 
 
 class OpenClipViTAdapter(ViTAdapter):

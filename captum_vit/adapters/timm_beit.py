@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from ._attention_math import AttentionMath, Call
-from ._block_view import BlockView
+from ._block_view import BlockView, PreNormParts
 from ._errors import UnsupportedModelError
 from ._qkv import fused_qkv_with_biases
 from ._timm import TimmAdapter
@@ -46,25 +46,13 @@ class BeitAttentionMath(AttentionMath):
 
 
 class BeitBlockView(BlockView):
+    parts = PreNormParts(scale1="gamma_1", scale2="gamma_2", drop1="drop_path1", drop2="drop_path2")
+
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block, BeitAttentionMath(block.attn))
-        self.norm1_module = block.norm1
-        self.attention_module = block.attn
 
     def attention_call(self, call: Call) -> Call:
         return Call((), {"shared_rel_pos_bias": call.kwargs.get("shared_rel_pos_bias")})
-
-    def attention(self, z: Tensor, call: Call) -> Tensor:
-        return self.block.attn(z, **call.kwargs)
-
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        b = self.block
-        return b.drop_path1(a if b.gamma_1 is None else b.gamma_1 * a)
-
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        m = b.mlp(b.norm2(y))
-        return b.drop_path2(m if b.gamma_2 is None else b.gamma_2 * m)
 
 
 class TimmBeitAdapter(TimmAdapter):

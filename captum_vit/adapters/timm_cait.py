@@ -15,13 +15,11 @@ explicit form here: the general path runs it as it is.
 
 from __future__ import annotations
 
-from typing import Optional
 
-from torch import Tensor, nn
+from torch import nn
 
-from ._attention_math import Call
 from ._base import HEAD_PATCHES_ONLY
-from ._block_view import BlockView
+from ._block_view import BlockView, PreNormParts
 from ._errors import UnsupportedModelError
 from ._timm import TimmAdapter
 
@@ -35,20 +33,7 @@ CLASS_ATTENTION_REFUSAL = (
 class GammaBlockView(BlockView):
     """A pre-norm block with layer scales ``gamma_1``/``gamma_2`` and one ``drop_path`` (CaiT's ``LayerScaleBlock``)."""
 
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__(block, None)
-        self.norm1_module = block.norm1
-        self.attention_module = block.attn
-
-    def attention(self, z: Tensor, call: Call) -> Tensor:
-        return self.block.attn(z)
-
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        return self.block.drop_path(self.block.gamma_1 * a)
-
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        return b.drop_path(b.gamma_2 * b.mlp(b.norm2(y)))
+    parts = PreNormParts(scale1="gamma_1", scale2="gamma_2", drop1="drop_path", drop2="drop_path")
 
 
 class TimmCaitAdapter(TimmAdapter):
@@ -70,7 +55,7 @@ class TimmCaitAdapter(TimmAdapter):
     def head_reads(self) -> str:
         return HEAD_PATCHES_ONLY  # of the last self-attention block's output: class attention reads every patch
 
-    def attention_refusal(self) -> Optional[str]:
+    def attention_refusal(self) -> str:
         return CLASS_ATTENTION_REFUSAL
 
     def block_view(self, block: nn.Module) -> BlockView:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._attention_math import AttentionMath, Call
-from ._block_view import BlockView
+from ._block_view import BlockView, PreNormParts
 from ._errors import UnsupportedModelError
 from ._qkv import fused_qkv_with_biases
 from ._timm import TimmAdapter
@@ -58,27 +58,15 @@ class EvaAttentionMath(AttentionMath):
 class EvaBlockView(BlockView):
     """``EvaBlock``: ``x + gamma_1 * attn(norm1(x), rope=...)``, then ``+ gamma_2 * mlp(norm2(.))``."""
 
+    parts = PreNormParts(scale1="gamma_1", scale2="gamma_2", drop1="drop_path1", drop2="drop_path2")
+
     def __init__(self, block: nn.Module) -> None:
         from timm.models.eva import EvaAttention
 
         super().__init__(block, EvaAttentionMath(block.attn) if type(block.attn) is EvaAttention else None)
-        self.norm1_module = block.norm1
-        self.attention_module = block.attn
 
     def attention_call(self, call: Call) -> Call:
         return Call((), {k: v for k, v in call.kwargs.items() if k in ("rope", "attn_mask", "is_causal")})
-
-    def attention(self, z: Tensor, call: Call) -> Tensor:
-        return self.block.attn(z, *call.args, **call.kwargs)
-
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        b = self.block
-        return b.drop_path1(a if b.gamma_1 is None else b.gamma_1 * a)
-
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        m = b.mlp(b.norm2(y))
-        return b.drop_path2(m if b.gamma_2 is None else b.gamma_2 * m)
 
 
 class TimmEvaAdapter(TimmAdapter):

@@ -81,7 +81,7 @@ class TimmPitAdapter(StagedGrids, TimmAdapter):
         repeat = lambda t: t.repeat_interleave(count, dim=0)  # noqa: E731
         return ((repeat(grid), repeat(class_tokens)), *args[1:])
 
-    def attention_refusal(self) -> Optional[str]:
+    def attention_refusal(self) -> str:
         return POOLING_REFUSAL
 
     def block_view(self, block: nn.Module) -> BlockView:

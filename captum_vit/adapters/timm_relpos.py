@@ -39,9 +39,6 @@ class RelPosBlockView(LayerScaleBlockView):
     def attention_call(self, call: Call) -> Call:
         return Call((), {"shared_rel_pos": call.kwargs.get("shared_rel_pos")})
 
-    def attention(self, z: Tensor, call: Call) -> Tensor:
-        return self.block.attn(z, **call.kwargs)
-
 
 class TimmRelPosViTAdapter(TimmAdapter):
     """timm ``VisionTransformerRelPos``: its relative-position tables fix the grid to the model's image size."""

@@ -18,37 +18,26 @@ class-token row over the image.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import HEAD_PATCHES_ONLY
-from ._block_view import BlockView
+from ._block_view import BlockView, PreNormParts
 from ._errors import UnsupportedModelError
-from ._grid import WINDOW_REFUSAL, GridBlockView, StagedGrids, grid_tokens, halved
+from ._grid import GridBlockView, WindowedStages, grid_tokens, halved
 from ._timm import TimmAdapter
 
 
 class SwinBlockView(GridBlockView):
     """timm ``SwinTransformerBlock``: its own ``_attn`` (shift, window partition, masked attention, reverse)."""
 
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__(block, None)
-        self.norm1_module = block.norm1
-        self.attention_module = block.attn
+    parts = PreNormParts(drop1="drop_path1", drop2="drop_path2")
 
     def grid_attention(self, z: Tensor) -> Tensor:
         return self.block._attn(z)
 
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        return self.block.drop_path1(a)
 
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        return b.drop_path2(b.mlp(b.norm2(y)))
-
-
-class TimmSwinAdapter(StagedGrids, TimmAdapter):
+class TimmSwinAdapter(WindowedStages, TimmAdapter):
     """timm ``SwinTransformer``: the blocks of every stage, in order; each stage's grid from the image size."""
 
     family = "timm SwinTransformer"
@@ -66,14 +55,6 @@ class TimmSwinAdapter(StagedGrids, TimmAdapter):
     def blocks_expression(self) -> str:
         return "[b for stage in model.layers for b in stage.blocks]"
 
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 0
-
-    @property
-    def has_class_token(self) -> bool:
-        return False
-
     def stage_grids(self, image_hw: Sequence[int]) -> List[Tuple[int, int]]:
         grid = TimmAdapter.grid_for(self, image_hw)  # the patch embedding's grid (StagedGrids' is the last stage's)
         grids = []
@@ -87,13 +68,6 @@ class TimmSwinAdapter(StagedGrids, TimmAdapter):
 
     def layer_output(self, tokens: Tensor, like: Tensor) -> Tensor:
         return tokens.view(like.shape)
-
-    def attention_refusal(self) -> Optional[str]:
-        return WINDOW_REFUSAL
-
-    @property
-    def head_reads(self) -> str:
-        return HEAD_PATCHES_ONLY
 
     def block_view(self, block: nn.Module) -> BlockView:
         from timm.models.swin_transformer import SwinTransformerBlock

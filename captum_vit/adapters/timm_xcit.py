@@ -16,13 +16,13 @@ on the general path; the class-attention blocks read the masked copies.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 from torch import Tensor, nn
 
 from ._attention_math import Call
 from ._base import HEAD_PATCHES_ONLY
-from ._block_view import BlockView
+from ._block_view import BlockView, PreNormParts
 from ._errors import UnsupportedModelError
 from ._grid import conv_output
 from ._timm import TimmAdapter
@@ -36,10 +36,7 @@ CROSS_COVARIANCE_REFUSAL = (
 class XcaBlockView(BlockView):
     """timm ``XCABlock``: attention, then local patch interaction on the ``(H, W)`` grid of its call, then MLP."""
 
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__(block, None)
-        self.norm1_module = block.norm1
-        self.attention_module = block.attn
+    parts = PreNormParts(scale1="gamma1", scale2="gamma2", drop1="drop_path1", drop2="drop_path2")
 
     def attention_call(self, call: Call) -> Call:
         return call  # the grid (H, W) for the local branch
@@ -50,9 +47,9 @@ class XcaBlockView(BlockView):
     def forward(self, z: Tensor, residual: Tensor, call: Call) -> Tensor:
         b = self.block
         H, W = call.args if call.args else (call.kwargs["H"], call.kwargs["W"])
-        y = residual + b.drop_path1(b.gamma1 * self.attention(z, call))
+        y = residual + self.layer_scale1(self.attention(z, call))
         y = y + b.drop_path3(b.gamma3 * b.local_mp(b.norm3(y), H, W))
-        return y + b.drop_path2(b.gamma2 * b.mlp(b.norm2(y)))
+        return y + self.mlp_branch(y)
 
 
 class TimmXcitAdapter(TimmAdapter):
@@ -80,7 +77,7 @@ class TimmXcitAdapter(TimmAdapter):
     def head_reads(self) -> str:
         return HEAD_PATCHES_ONLY  # of the last XCA block's output: class attention reads every patch
 
-    def attention_refusal(self) -> Optional[str]:
+    def attention_refusal(self) -> str:
         return CROSS_COVARIANCE_REFUSAL
 
     def block_view(self, block: nn.Module) -> BlockView:

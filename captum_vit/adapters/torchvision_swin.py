@@ -11,36 +11,26 @@ merging pad). ``swin_v2_*`` blocks normalise after attention and are refused.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._base import HEAD_PATCHES_ONLY, ViTAdapter
-from ._block_view import BlockView
+from ._base import ViTAdapter
+from ._block_view import BlockView, PreNormParts
 from ._errors import UnsupportedModelError, lazy_isinstance
-from ._grid import WINDOW_REFUSAL, GridBlockView, StagedGrids, grid_tokens, halved
+from ._grid import GridBlockView, WindowedStages, grid_tokens, halved
 
 
 class ShiftedWindowBlockView(GridBlockView):
     """torchvision ``SwinTransformerBlock``: ``attn`` is the module's own shifted-window attention."""
 
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__(block, None)
-        self.norm1_module = block.norm1
-        self.attention_module = block.attn
+    parts = PreNormParts(drop1="stochastic_depth", drop2="stochastic_depth")
 
     def grid_attention(self, z: Tensor) -> Tensor:
         return self.block.attn(z)
 
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        return self.block.stochastic_depth(a)
 
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        b = self.block
-        return b.stochastic_depth(b.mlp(b.norm2(y)))
-
-
-class TorchvisionSwinAdapter(StagedGrids, ViTAdapter):
+class TorchvisionSwinAdapter(WindowedStages, ViTAdapter):
     """torchvision ``SwinTransformer``: the blocks of every stage in ``features``, in order."""
 
     family = "torchvision SwinTransformer"
@@ -73,14 +63,6 @@ class TorchvisionSwinAdapter(StagedGrids, ViTAdapter):
         return "[b for stage in model.features[1::2] for b in stage]"
 
     @property
-    def num_prefix_tokens(self) -> int:
-        return 0
-
-    @property
-    def has_class_token(self) -> bool:
-        return False
-
-    @property
     def image_module(self) -> nn.Module:
         return self.model.features[0]
 
@@ -98,13 +80,6 @@ class TorchvisionSwinAdapter(StagedGrids, ViTAdapter):
 
     def layer_output(self, tokens: Tensor, like: Tensor) -> Tensor:
         return tokens.view(like.shape)
-
-    def attention_refusal(self) -> Optional[str]:
-        return WINDOW_REFUSAL
-
-    @property
-    def head_reads(self) -> str:
-        return HEAD_PATCHES_ONLY
 
     def block_view(self, block: nn.Module) -> BlockView:
         from torchvision.models.swin_transformer import SwinTransformerBlock

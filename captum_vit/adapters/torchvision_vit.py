@@ -13,25 +13,19 @@ from torch import Tensor, nn
 
 from ._attention_math import Call
 from ._base import HEAD_PREFIX_ONLY, ViTAdapter
-from ._block_view import BlockView
+from ._block_view import BlockView, PreNormParts
 from ._errors import lazy_isinstance
 from ._multihead import MultiheadAttentionMath
 
 
 class EncoderBlockView(BlockView):
+    parts = PreNormParts(norm1="ln_1", attention="self_attention", norm2="ln_2", drop1="dropout")
+
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block, MultiheadAttentionMath(block.self_attention))
-        self.norm1_module = block.ln_1
-        self.attention_module = block.self_attention
 
     def attention(self, z: Tensor, call: Call) -> Tensor:
         return self.block.self_attention(z, z, z, need_weights=False)[0]
-
-    def layer_scale1(self, a: Tensor) -> Tensor:
-        return self.block.dropout(a)
-
-    def mlp_branch(self, y: Tensor) -> Tensor:
-        return self.block.mlp(self.block.ln_2(y))
 
 
 class TorchvisionViTAdapter(ViTAdapter):

@@ -38,7 +38,16 @@ from .._utils import (
     relative_error,
     row_chunks,
 )
-from ..adapters import HEAD_PREFIX_ONLY, HEAD_UNKNOWN, BlockView, Call, UnsupportedModelError, ViTAdapter, split_call
+from ..adapters import (
+    HEAD_PREFIX_ONLY,
+    HEAD_UNKNOWN,
+    BlockView,
+    Call,
+    EntersCopiesEarly,
+    UnsupportedModelError,
+    ViTAdapter,
+    split_call,
+)
 from ._copies import RESIDUALS, SharedProjections, block_prefix_rows, copy_block_rows, masked_block, prefix_block_rows
 from ._masks import KERNELS, mask_levels, reciprocal_masks
 from ._plan import CopySelection, plan_copies
@@ -97,11 +106,16 @@ class _Pass:
     copies: CopySelection
     recorder: Any = None
     images_seen: int = 0
-    #: how many times the explained block's input repeats each image (`ViTAdapter.copies_enter_at`)
+    #: how many times the explained block's input repeats each image (`copies_entry`)
     repeats: int = 1
 
     def layout(self, adapter: ViTAdapter, num_tokens: int, block_index: int) -> Tuple[int, Tuple[int, int]]:
         return adapter.tokens_layout(num_tokens, self.recorder.image_hw, block_index)
+
+
+def copies_entry(adapter: ViTAdapter, index: int) -> Optional[nn.Module]:
+    """Where the copies of block ``index`` must enter (`EntersCopiesEarly`), or ``None``: at the block itself."""
+    return adapter.copies_enter_at(index) if isinstance(adapter, EntersCopiesEarly) else None
 
 
 class CopyStrategy:
@@ -123,7 +137,7 @@ class CopyStrategy:
 
     def install(self, hooks: HookSet, forward: _Pass) -> None:
         hooks.forward_hook(self.view.block, lambda *a: self._explained_block(forward, *a), with_kwargs=True)
-        entry = self.adapter.copies_enter_at(self.block_index)
+        entry = copies_entry(self.adapter, self.block_index)
         if entry is not None:  # the copies must enter before the block: its stage reshapes with its input's batch
             forward.repeats = forward.copies.count
             hooks.forward_pre_hook(entry, lambda module, args: self.adapter.repeat_for_copies(args, forward.repeats))
@@ -216,7 +230,7 @@ class SharedProjectionCopies(CopyStrategy):
     def next_is_last(self) -> bool:
         """The last block, whose prefix rows are computed, comes right after the explained one."""
         return (self.last_view is not None and self.block_index == len(self.adapter.blocks) - 2
-                and self.adapter.copies_enter_at(self.block_index) is None)
+                and copies_entry(self.adapter, self.block_index) is None)
 
     def install(self, hooks: HookSet, forward: _Pass) -> None:
         if self.next_is_last:
