@@ -62,3 +62,17 @@ def test_unknown_names_list_the_registry():
     model, _ = make_model("vit_reg4")
     with pytest.raises(ValueError, match="unknown method 'gradcam\\+\\+'; choose one of reciprocam, "):
         methods.explainer("gradcam++", model)
+
+
+@pytest.mark.parametrize(("name", "option", "value"), [
+    ("reciprocam", "kernel", "gausian"), ("reciprocam-authors", "residual", "masked"),
+    ("attnlrp", "attention_rule", "CP"), ("legrad", "pooling", "max"),
+])
+def test_a_misspelt_choice_is_refused_when_the_method_is_built(name, option, value):
+    """Enumerated options (the registry's OptionSpec choices) are checked before anything runs."""
+    model, _ = make_model("vit_reg4")
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=f"{option} must be one of .*got {value!r}"):
+        methods.explainer(name, model, **{option: value})
+    assert not calls
