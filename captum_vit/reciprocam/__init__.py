@@ -4,7 +4,9 @@
 - `._plan`: which copies of which images one forward pass carries;
 - `._copies`: what a masked copy of a block computes (the three
   residuals; projections shared by all copies; prefix rows only);
-- `._engine`: the strategies, their proof by behaviour, the scores;
+- `._options`: the options of one explanation and the copies' scores;
+- `._strategies`: the two exact ways to compute the copies;
+- `._engine`: the choice of strategy, its proof by behaviour, the scores;
 - `._layer`: Captum's contract (`LayerReciproCAM`).
 
 `captum_vit.export.ExplainedViT` builds its hook-free forward from
@@ -12,9 +14,10 @@ the same pieces.
 """
 
 from ._copies import RESIDUALS, SharedProjections, copy_block_rows, prefix_block_rows, residual_rows
-from ._engine import PATHS, SCORES, ReciproCAMEngine, ReciproCAMOptions, score_copies
+from ._engine import ReciproCAMEngine
 from ._layer import LayerReciproCAM
 from ._masks import GAUSSIAN_3X3, KERNELS, mask_levels, reciprocal_masks
+from ._options import PATHS, SCORES, ReciproCAMOptions, score_copies
 from ._plan import CopySelection, plan_copies
 
 __all__ = [

@@ -22,7 +22,8 @@ from .._utils import (
     prepare_targets,
 )
 from ..adapters import BlockView, ViTAdapter, check_runtime, eager_forward_func, find_adapter
-from ._engine import ReciproCAMEngine, ReciproCAMOptions, refuse_user_block_hooks
+from ._engine import ReciproCAMEngine, refuse_user_block_hooks
+from ._options import ReciproCAMOptions
 
 
 class _StopForward(Exception):
