@@ -180,6 +180,39 @@ def test_prefix_attention_equals_the_attention_module(family):
     assert (folded == len(views)) == (name in FOLDED_KEYS), f"{name}: {folded} of {len(views)} blocks folded"
 
 
+#: families whose blocks' MLP branch is a layer norm, a linear layer and the rest (timm's Block with its Mlp): the
+#: unmasked residual's copies then compute the MLP's first layer from the image's and the copies' distinct rows
+FOLDED_MLP = {"timm ViT (2 registers)", "timm DeiT distilled", "timm ViT, avg pool (MAE-style)", "timm NaFlexViT",
+              "timm relative-position ViT (MLP bias, qk-norm)",
+              "timm relative-position ViT (shared bias, no prefix token)", "timm PiT (the grid pooled between stages)"}
+
+
+def test_folded_mlp_equals_the_block_mlp(family):
+    """The MLP branch on rows x[t] + s[j, slot], folded through its layer norm and first layer, equals the
+    block's own branch on those rows."""
+    from captum_vit.adapters import find_adapter
+    from captum_vit.reciprocam import FoldedInput, folded_mlp_branch
+
+    name, model, blocks, images = family
+    adapter = find_adapter(model)
+    views = [adapter.block_view(b) for b in blocks]
+    g = torch.Generator().manual_seed(0)
+    folded = 0
+    for view in views:
+        if view.mlp_entry() is None:
+            continue
+        T, c, r, D = 7, 3, 4, view.mlp_entry().linear.in_features
+        x = torch.randn(T, D, generator=g)
+        scaled = 0.5 * torch.randn(c, r, D, generator=g)
+        rows = (torch.arange(c)[:, None] * r + torch.randint(0, r, (c, T), generator=g)).flatten()
+        y = x[None] + scaled.flatten(0, 1)[rows].view(c, T, D)
+        with torch.no_grad():
+            got = folded_mlp_branch(FoldedInput.of(view, x), scaled, rows)
+            torch.testing.assert_close(got, view.mlp_branch(y), **TOL)
+        folded += 1
+    assert (folded == len(views)) == (name in FOLDED_MLP), f"{name}: {folded} of {len(views)} blocks folded"
+
+
 def test_supported_models_table_is_current():
     """docs/models.md's table is measured here; CAPTUM_VIT_WRITE_SUPPORT_TABLE=1 writes it
     (python benchmarks/support_table.py)."""

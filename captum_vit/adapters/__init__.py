@@ -18,7 +18,7 @@ from torch import nn
 from .._utils import module_of
 from ._attention_math import AttentionMath, Call, GradientRule, KeyValueMaps, merge_heads, split_call, split_heads
 from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, HEAD_UNKNOWN, ViTAdapter
-from ._block_view import BlockView, PreNormParts
+from ._block_view import BlockView, MlpEntry, PreNormParts
 from ._capabilities import EntersCopiesEarly, LRPBlock, LRPHead, RefusesAttentionMethods, SupportsExport, SupportsLRP
 from ._errors import UnsupportedModelError
 from ._roles import ROLE_ACTIVATION, ROLE_LINEAR, ROLE_NORM, ROLE_WEIGHTED, is_gated_mlp, relevance_role
@@ -37,7 +37,7 @@ from .torchvision_swin import TorchvisionSwinAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
 __all__ = [
-    "ADAPTERS", "AttentionMath", "BlockView", "Call", "EntersCopiesEarly", "GradientRule", "KeyValueMaps", "LRPBlock", "LRPHead", "PreNormParts", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
+    "ADAPTERS", "AttentionMath", "BlockView", "Call", "EntersCopiesEarly", "GradientRule", "KeyValueMaps", "LRPBlock", "LRPHead", "MlpEntry", "PreNormParts", "HEAD_CLASS_AND_PATCHES", "HEAD_PATCHES_ONLY",
     "HEAD_PREFIX_ONLY", "HEAD_UNKNOWN", "RefusesAttentionMethods", "SupportsExport", "SupportsLRP", "UnsupportedModelError", "ViTAdapter", "check_runtime",
     "eager_forward_func", "find_adapter", "is_gated_mlp", "merge_heads", "relevance_role", "split_call", "split_heads",
     "supported_families", "ROLE_ACTIVATION", "ROLE_LINEAR", "ROLE_NORM", "ROLE_WEIGHTED",

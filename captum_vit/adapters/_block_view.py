@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -28,6 +28,16 @@ class PreNormParts:
     scale2: Optional[str] = None
     drop1: Optional[str] = None
     drop2: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class MlpEntry:
+    """``mlp_branch(y) = rest(linear(norm(y)))`` where ``norm`` is a layer norm over the last dimension and
+    ``linear`` an ``nn.Linear``: the part of the branch ViT-ReciproCAM's fast path folds (docs/methods.md 1.4)."""
+
+    norm: nn.LayerNorm
+    linear: nn.Linear
+    rest: Callable[[Tensor], Tensor]
 
 
 class BlockView:
@@ -84,6 +94,11 @@ class BlockView:
         """``drop2(scale2(mlp(norm2(y))))``."""
         b, parts = self.block, self.parts
         return self._branch(getattr(b, parts.mlp)(getattr(b, parts.norm2)(y)), parts.scale2, parts.drop2)
+
+    def mlp_entry(self) -> Optional[MlpEntry]:
+        """The MLP branch as a layer norm, a linear layer and the rest, where it is exactly that; ``None``
+        (the default) otherwise."""
+        return None
 
     def _branch(self, a: Tensor, scale: Optional[str], drop: Optional[str]) -> Tensor:
         factor = None if scale is None else getattr(self.block, scale)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ._attention_math import AttentionMath, Call, KeyValueMaps
 from ._base import HEAD_CLASS_AND_PATCHES, HEAD_PATCHES_ONLY, HEAD_PREFIX_ONLY, ViTAdapter
-from ._block_view import BlockView, PreNormParts
+from ._block_view import BlockView, MlpEntry, PreNormParts
 from ._errors import UnsupportedModelError
 
 
@@ -62,6 +62,17 @@ class LayerScaleBlockView(BlockView):
     """timm's pre-norm block: ``x + drop_path1(ls1(attn(norm1(x))))``, then ``+ drop_path2(ls2(mlp(norm2(.))))``."""
 
     parts = PreNormParts(scale1="ls1", scale2="ls2", drop1="drop_path1", drop2="drop_path2")
+
+    def mlp_entry(self) -> Optional[MlpEntry]:
+        from timm.layers import Mlp
+
+        b = self.block
+        mlp = b.mlp
+        plain = type(mlp) is Mlp and type(mlp.fc1) is nn.Linear and isinstance(b.norm2, nn.LayerNorm)
+        if not plain or len(b.norm2.normalized_shape) != 1:
+            return None
+        return MlpEntry(b.norm2, mlp.fc1, lambda h: self._branch(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(h))))),
+                                                                  "ls2", "drop_path2"))
 
 
 class TimmAttentionMath(FusedQkvAttentionMath):

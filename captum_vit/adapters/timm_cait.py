@@ -15,7 +15,6 @@ explicit form here: the general path runs it as it is.
 
 from __future__ import annotations
 
-
 from torch import nn
 
 from ._base import HEAD_PATCHES_ONLY

@@ -13,7 +13,15 @@
 the same pieces.
 """
 
-from ._copies import RESIDUALS, SharedProjections, copy_block_rows, prefix_block_rows, residual_rows
+from ._copies import (
+    RESIDUALS,
+    FoldedInput,
+    SharedProjections,
+    copy_block_rows,
+    folded_mlp_branch,
+    prefix_block_rows,
+    residual_rows,
+)
 from ._engine import ReciproCAMEngine
 from ._layer import LayerReciproCAM
 from ._masks import GAUSSIAN_3X3, KERNELS, mask_levels, reciprocal_masks
@@ -21,7 +29,7 @@ from ._options import PATHS, SCORES, ReciproCAMOptions, score_copies
 from ._plan import CopySelection, plan_copies
 
 __all__ = [
-    "CopySelection", "GAUSSIAN_3X3", "KERNELS", "LayerReciproCAM", "PATHS", "RESIDUALS", "ReciproCAMEngine",
+    "CopySelection", "FoldedInput", "GAUSSIAN_3X3", "KERNELS", "LayerReciproCAM", "PATHS", "RESIDUALS", "ReciproCAMEngine",
     "ReciproCAMOptions", "SCORES", "SharedProjections", "mask_levels", "plan_copies", "reciprocal_masks",
-    "copy_block_rows", "prefix_block_rows", "residual_rows", "score_copies",
+    "copy_block_rows", "folded_mlp_branch", "prefix_block_rows", "residual_rows", "score_copies",
 ]

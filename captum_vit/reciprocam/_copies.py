@@ -21,12 +21,13 @@ The three residuals of the explained block (docs/methods.md 1.3):
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..adapters import AttentionMath, BlockView, Call, merge_heads
+from ..adapters import AttentionMath, BlockView, Call, MlpEntry, merge_heads
 
 RESIDUALS = ("unmasked", "normalized", "input")
 
@@ -169,9 +170,38 @@ def distinct_rows(masks: Tensor) -> "tuple[Tensor, Tensor, Tensor]":
     return order[:, :width], slot, first_zero
 
 
+@dataclass
+class FoldedInput:
+    """What `folded_mlp_branch` reads of one image's block input ``x`` (``(T, D)``), computed once for all of
+    its copies: ``x`` centred per row, its variance, and the MLP's first layer on it."""
+
+    entry: MlpEntry
+    #: ``(hidden, D)`` the linear weight times the norm's scale; ``(hidden,)`` the constant of the first layer
+    weight: Tensor
+    offset: Optional[Tensor]
+    x_centred: Tensor
+    x_variance: Tensor
+    x_hidden: Tensor
+
+    @classmethod
+    def of(cls, view: BlockView, x: Tensor) -> Optional["FoldedInput"]:
+        """The folded input of ``x`` where the block's MLP branch starts with a layer norm and a linear layer
+        (`BlockView.mlp_entry`), else ``None``."""
+        entry = view.mlp_entry()
+        if entry is None:
+            return None
+        norm, linear = entry.norm, entry.linear
+        weight = linear.weight if norm.weight is None else linear.weight * norm.weight
+        offset = linear.bias
+        if norm.bias is not None:
+            offset = linear.weight @ norm.bias + (0 if offset is None else offset)
+        centred = x - x.mean(-1, keepdim=True)
+        return cls(entry, weight, offset, centred, centred.square().mean(-1), centred @ weight.T)
+
+
 def copy_block_rows(
     view: BlockView, x: Tensor, shared: SharedProjections, image: int, masks: Tensor, level_index: Tensor,
-    residual: str, out: Tensor,
+    residual: str, out: Tensor, folded: Optional[FoldedInput] = None,
 ) -> None:
     """Write the block's output on each masked copy of image ``image`` into ``out`` (``(c, T, D)``), exactly.
 
@@ -179,7 +209,9 @@ def copy_block_rows(
     layer scale and the MLP act on each token alone (``view.finish``). Where
     all zeroed rows are alike, attention runs once per distinct row; with a
     masked residual the zeroed rows stay alike through the whole block, so
-    the MLP too runs once per distinct row.
+    the MLP too runs once per distinct row; with the unmasked one, ``folded``
+    (`FoldedInput` of ``x[image]``) computes the MLP's first layer from the
+    image's rows and the copies' distinct rows (`folded_mlp_branch`).
     """
     c, T = masks.shape
     if not shared.zero_rows_alike:
@@ -191,14 +223,44 @@ def copy_block_rows(
     scaled = view.layer_scale1(shared.rows(image, masks, level_index, distinct))  # (c, r', D)
     D = scaled.shape[-1]
     if residual == "unmasked":  # every row keeps its own input: the stream is x + the row's scaled attention
-        torch.add(x[image][None], scaled.gather(1, first_zero[:, None, None].expand(c, 1, D)), out=out)
-        out.scatter_(1, distinct[..., None].expand(-1, -1, D), x[image][distinct] + scaled)
-        out.add_(view.mlp_branch(out))
+        rows = (torch.arange(c, device=slot.device)[:, None] * scaled.shape[1] + slot).flatten()  # into (c * r')
+        torch.add(x[image][None], scaled.flatten(0, 1).index_select(0, rows).view(c, T, D), out=out)
+        out.add_(view.mlp_branch(out) if folded is None else folded_mlp_branch(folded, scaled, rows))
         return
     source = shared.z if residual == "normalized" else x
     y = source[image][distinct] * masks.gather(1, distinct)[..., None] + scaled
     y = y + view.mlp_branch(y)
     torch.gather(y, 1, slot[..., None].expand(c, T, D), out=out)
+
+
+def folded_mlp_branch(folded: FoldedInput, scaled: Tensor, rows: Tensor) -> Tensor:
+    """``(c, T, D)``: the MLP branch on rows ``y[j, t] = x[t] + scaled.flatten(0, 1)[rows[j * T + t]]``, its
+    first linear layer applied to the ``T`` rows of ``x`` and the ``r`` rows of each copy's ``scaled`` instead
+    of every ``c * T`` row.
+
+    The layer norm centres each row and divides it by its deviation, and the
+    linear layer is linear, so with ``x~``, ``s~`` the centred rows and ``W``
+    the linear weight times the norm's scale, ``linear(norm(y)) = (W x~ + W s~)
+    / sigma + (the linear bias + W_linear norm.bias)``, where ``sigma^2 =
+    var(x) + var(s) + 2 x~ . s~ / D + eps``: the same sums in another order,
+    equal up to rounding.
+
+    Args:
+        folded: `FoldedInput` of the image's ``(T, D)`` block input.
+        scaled: ``(c, r, D)`` each copy's distinct scaled attention rows.
+        rows: ``(c * T,)`` which of them each row adds.
+    """
+    c, r, D = scaled.shape
+    T = folded.x_centred.shape[0]
+    s_centred = (scaled - scaled.mean(-1, keepdim=True)).flatten(0, 1)  # (c * r, D)
+    token = torch.arange(T, device=rows.device).repeat(c)
+    cross = (s_centred @ folded.x_centred.T)[rows, token].view(c, T)  # x~_t . s~ of the row it adds
+    variance = folded.x_variance + s_centred.square().mean(-1)[rows].view(c, T) + 2 * cross / D
+    hidden = (s_centred @ folded.weight.T).index_select(0, rows).view(c, T, -1)
+    hidden.add_(folded.x_hidden).mul_(torch.rsqrt(variance + folded.entry.norm.eps)[..., None])
+    if folded.offset is not None:
+        hidden.add_(folded.offset)
+    return folded.entry.rest(hidden)
 
 
 def prefix_block_rows(

@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from .._utils import HookSet, agreement_tolerance, relative_error, row_chunks
 from ..adapters import BlockView, Call, EntersCopiesEarly, UnsupportedModelError, ViTAdapter, split_call
-from ._copies import SharedProjections, block_prefix_rows, copy_block_rows, masked_block, prefix_block_rows
+from ._copies import (
+    FoldedInput,
+    SharedProjections,
+    block_prefix_rows,
+    copy_block_rows,
+    masked_block,
+    prefix_block_rows,
+)
 from ._masks import mask_levels
 from ._options import ReciproCAMOptions
 from ._plan import CopySelection
@@ -189,9 +196,10 @@ class SharedProjectionCopies(CopyStrategy):
                                                    num_prefix, residual)
             return
         for image in range(n):  # every row of every copy: each copy's own keys and values
+            folded = FoldedInput.of(self.view, x[image]) if residual == "unmasked" else None
             for chunk in row_chunks(masks.shape[0], _copies_per_chunk(None, 1, T)):
                 copy_block_rows(self.view, x, shared, image, masks[chunk], level_index[chunk], residual,
-                                out=into[image, chunk])
+                                out=into[image, chunk], folded=folded)
 
     def shared_projections(self, x: Tensor, call: Call, masks: Tensor) -> Tuple[SharedProjections, Tensor]:
         """The projections every copy of ``x`` reads, and each copy's level per token."""
@@ -299,11 +307,13 @@ class _ThroughLastBlock:
             shared, level_index = strategy.shared_projections(x, call, masks)
             per_chunk = _copies_per_chunk(strategy.options.batch_size, 1, T)
             block_rows = x.new_empty(min(per_chunk, masks.shape[0]), T, D)  # one buffer, reused while in cache
+            residual = strategy.options.residual
             for image in range(n):
+                folded = FoldedInput.of(strategy.view, x[image]) if residual == "unmasked" else None
                 for chunk in row_chunks(masks.shape[0], per_chunk):
                     out = block_rows[: chunk.stop - chunk.start]
-                    copy_block_rows(strategy.view, x, shared, image, masks[chunk], level_index[chunk],
-                                    strategy.options.residual, out=out)
+                    copy_block_rows(strategy.view, x, shared, image, masks[chunk], level_index[chunk], residual,
+                                    out=out, folded=folded)
                     rows[image, chunk.start + first : chunk.stop + first] = block_prefix_rows(
                         self.last_view, out, P, last_call)
         return self.last_view.wrap_output(output, rows.view(n * copies.count, P, D))
