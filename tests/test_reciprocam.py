@@ -190,3 +190,30 @@ def test_fast_path_chunks_inside_the_block_and_runs_the_blocks_before_once_per_b
             assert rows_seen == passes, f"batch_size={size}: the blocks before ran {rows_seen}"
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("residual", ["input", "normalized"])
+def test_masked_residual_copies_cross_the_later_blocks_as_their_distinct_rows(monkeypatch, residual):
+    """With a masked residual an early block's copies go through every later block as their few distinct
+    rows (compressed_block), and equal the general path, which runs the model's own blocks on every copy."""
+    import sys
+
+    strategies = sys.modules["captum_vit.reciprocam._strategies"]
+    calls = []
+    compressed = strategies.compressed_block
+
+    def counted(view, y, log_count, call):
+        calls.append(tuple(y.shape))
+        return compressed(view, y, log_count, call)
+
+    monkeypatch.setattr(strategies, "compressed_block", counted)
+    model, images = make_model("deit_tiny")
+    cam = LayerReciproCAM(model, model.blocks[0])
+    targets = torch.tensor([1, 2])
+    fast = cam.attribute(images, target=targets, normalize=False, residual=residual, path="fast")
+    general = cam.attribute(images, target=targets, normalize=False, residual=residual, path="general")
+    torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-5)
+    later = len(model.blocks) - 1
+    assert calls and len(calls) % later == 0
+    T = images.shape[-1] // 16 * images.shape[-2] // 16 + 1
+    assert all(rows < T // 2 for _, rows, _ in calls), calls  # a few rows per copy, not all T

@@ -227,10 +227,55 @@ def copy_block_rows(
         torch.add(x[image][None], scaled.flatten(0, 1).index_select(0, rows).view(c, T, D), out=out)
         out.add_(view.mlp_branch(out) if folded is None else folded_mlp_branch(folded, scaled, rows))
         return
+    y = _masked_residual_rows(view, x, shared, image, masks, distinct, scaled, residual)
+    torch.gather(y, 1, slot[..., None].expand(c, T, D), out=out)
+
+
+def _masked_residual_rows(
+    view: BlockView, x: Tensor, shared: SharedProjections, image: int, masks: Tensor, distinct: Tensor,
+    scaled: Tensor, residual: str,
+) -> Tensor:
     source = shared.z if residual == "normalized" else x
     y = source[image][distinct] * masks.gather(1, distinct)[..., None] + scaled
-    y = y + view.mlp_branch(y)
-    torch.gather(y, 1, slot[..., None].expand(c, T, D), out=out)
+    return y + view.mlp_branch(y)
+
+
+def distinct_block_rows(
+    view: BlockView, x: Tensor, shared: SharedProjections, image: int, masks: Tensor, level_index: Tensor,
+    residual: str,
+) -> "tuple[Tensor, Tensor, Tensor]":
+    """Each copy's block output as its distinct rows, for a masked residual where all zeroed rows are alike.
+
+    Returns ``(rows, slot, log_count)``: ``(c, r, D)`` the distinct rows,
+    ``(c, T)`` which of them each row of the copy is, and ``(c, r)`` the log of
+    how many rows each stands for (``-inf`` for a padding row none is).
+    """
+    c, T = masks.shape
+    distinct, slot, _ = distinct_rows(masks)
+    scaled = view.layer_scale1(shared.rows(image, masks, level_index, distinct))
+    rows = _masked_residual_rows(view, x, shared, image, masks, distinct, scaled, residual)
+    count = torch.zeros(c, distinct.shape[1], dtype=rows.dtype, device=rows.device)
+    count.scatter_add_(1, slot, torch.ones(c, T, dtype=rows.dtype, device=rows.device))
+    return rows, slot, count.log()
+
+
+def compressed_block(view: BlockView, y: Tensor, log_count: Tensor, call: Call) -> Tensor:
+    """``(N, r, D)``: a block on inputs of which ``y`` (``(N, r, D)``) are the distinct rows, row ``i`` standing
+    for ``exp(log_count[:, i])`` identical rows, exactly.
+
+    Identical rows give identical queries, keys and values where nothing
+    depends on a token's position (no rotary embedding, no position bias:
+    the caller checks), so ``m`` identical keys weigh as one key whose
+    score is raised by ``log m``; the rest of the block acts on each row.
+    """
+    math: Optional[AttentionMath] = view.math
+    assert math is not None
+    z = view.norm1(y)
+    attention_call = view.attention_call(call)
+    q, k, v = math.project(z, attention_call)
+    out = math.attend(q, k, v, log_count[:, None, None, :].to(q.dtype))
+    attention = math.finish(merge_heads(out), z if math.finish_reads_input else None)
+    return view.finish(y, attention)
 
 
 def folded_mlp_branch(folded: FoldedInput, scaled: Tensor, rows: Tensor) -> Tensor:

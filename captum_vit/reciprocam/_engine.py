@@ -64,10 +64,22 @@ class ReciproCAMEngine:
         view = self.adapter.block_view(self.adapter.blocks[-1])
         return view if view.math is not None else None
 
+    def _later_views(self) -> Tuple[BlockView, ...]:
+        """The views of every block after the explained one, where the head reads only prefix tokens and each
+        has an explicit attention; empty otherwise."""
+        if self.is_last_block or not self.head_reads_prefix_only:
+            return ()
+        try:
+            views = tuple(self.adapter.block_view(b) for b in self.adapter.blocks[self.block_index + 1 :])
+        except UnsupportedModelError:
+            return ()
+        return views if all(v.math is not None for v in views) else ()
+
     def fast_strategy(self, options: ReciproCAMOptions) -> SharedProjectionCopies:
         return SharedProjectionCopies(
             self.adapter, self.view, options,
             last_view=self._last_view(), prefix_output=self.is_last_block and self.head_reads_prefix_only,
+            later_views=self._later_views(),
         )
 
     def fast_path_unavailable_reason(self) -> Optional[str]:
@@ -111,7 +123,7 @@ class ReciproCAMEngine:
 
     def _fingerprint(self) -> Tuple[Any, ...]:
         """What the fast strategy's proof depends on: the modules, forwards and hooks of the blocks it computes."""
-        blocks = [self.layer] + ([] if self.is_last_block else [self.adapter.blocks[-1]])
+        blocks = self.adapter.blocks[self.block_index :]  # the later blocks too: with a masked residual it computes them
         return tuple(
             (id(m), type(m), m.__dict__.get("forward"), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
             for block in blocks for m in block.modules()

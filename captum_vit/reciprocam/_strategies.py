@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -26,7 +26,9 @@ from ._copies import (
     FoldedInput,
     SharedProjections,
     block_prefix_rows,
+    compressed_block,
     copy_block_rows,
+    distinct_block_rows,
     masked_block,
     prefix_block_rows,
 )
@@ -138,6 +140,10 @@ class SharedProjectionCopies(CopyStrategy):
             later blocks run as they are.
         prefix_output: the explained block is the last one and the head reads
             only prefix tokens: it returns only the prefix rows.
+        later_views: the views of every block after the explained one, where
+            the head reads only prefix tokens and each has an explicit
+            attention: with a masked residual the copies then go through them
+            as their few distinct rows (`compressed_block`).
     """
 
     name = "fast"
@@ -150,13 +156,15 @@ class SharedProjectionCopies(CopyStrategy):
         *,
         last_view: Optional[BlockView] = None,
         prefix_output: bool = False,
+        later_views: Sequence[BlockView] = (),
     ) -> None:
         super().__init__(adapter, view, options)
         self.last_view = last_view
         self.prefix_output = prefix_output
+        self.later_views = tuple(later_views)
 
     def copies_per_call(self, num_cells: int) -> int:
-        if not (self.prefix_output or self.next_is_last):
+        if not (self.prefix_output or self.next_is_last or self.compresses_later_blocks):
             return super().copies_per_call(num_cells)
         # Nothing after the blocks computed here sees the copies' patch rows: whole images per pass, as many as
         # the token budget holds (an image's tokens before the block, its copies' prefix rows after), at most
@@ -173,7 +181,16 @@ class SharedProjectionCopies(CopyStrategy):
         return (self.last_view is not None and self.block_index == len(self.adapter.blocks) - 2
                 and copies_entry(self.adapter, self.block_index) is None)
 
+    @property
+    def compresses_later_blocks(self) -> bool:
+        """A masked residual with every later block computed here: the copies keep their distinct rows only."""
+        return (bool(self.later_views) and self.options.residual != "unmasked"
+                and copies_entry(self.adapter, self.block_index) is None)
+
     def install(self, hooks: HookSet, forward: ForwardPass) -> None:
+        if self.compresses_later_blocks:
+            _ThroughLaterBlocks(self, forward).install(hooks)
+            return
         if self.next_is_last:
             assert self.last_view is not None
             _ThroughLastBlock(self, self.last_view, forward).install(hooks)
@@ -317,6 +334,76 @@ class _ThroughLastBlock:
                     rows[image, chunk.start + first : chunk.stop + first] = block_prefix_rows(
                         self.last_view, out, P, last_call)
         return self.last_view.wrap_output(output, rows.view(n * copies.count, P, D))
+
+
+class _ThroughLaterBlocks(_ThroughLastBlock):
+    """Hooks on the explained block and every block after it, for a masked residual: each copy goes through
+    the later blocks as its distinct rows.
+
+    With a masked residual all zeroed rows of a copy leave the explained block
+    equal (`SharedProjections.zero_rows_alike`), and equal rows stay equal
+    through a block without position terms, so `compressed_block` computes
+    each later block on a copy's few distinct rows, each counted as the rows
+    it stands for. The model carries one row per image through those blocks
+    and the hooks keep each one's call; the last block's hook returns, per
+    image, its own output for the unmasked copy and the copies' prefix rows.
+    Where the zeroed rows are not alike (a position term) the copies go through
+    the later blocks' views whole. Exact only if nothing acts on the tensors
+    between the blocks; the strategy's behavioural proof checks that.
+    """
+
+    def __init__(self, strategy: SharedProjectionCopies, forward: ForwardPass) -> None:
+        super().__init__(strategy, strategy.later_views[-1], forward)
+        self.calls: List[Call] = []
+
+    def install(self, hooks: HookSet) -> None:
+        hooks.forward_hook(self.strategy.view.block, self._keep_input, with_kwargs=True)
+        for view in self.strategy.later_views[:-1]:
+            hooks.forward_hook(view.block, lambda module, args, kwargs, output, view=view: self._keep_call(
+                view, args, kwargs), with_kwargs=True)
+        hooks.forward_hook(self.last_view.block, self._prefix_rows, with_kwargs=True)
+
+    def _keep_call(self, view: BlockView, args: Any, kwargs: Any) -> None:
+        self.calls.append(view.read_call(args, kwargs)[1])
+
+    def _prefix_rows(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        assert self.block_input is not None
+        (x, call), self.block_input = self.block_input, None
+        later = list(zip(self.strategy.later_views, [*self.calls, self.last_view.read_call(args, kwargs)[1]]))
+        self.calls = []
+        strategy, copies = self.strategy, self.forward.copies
+        n, T, D = x.shape
+        P, grid = self.forward.layout(strategy.adapter, T, strategy.block_index)
+        rows = x.new_empty(n, copies.count, P, D)
+        first = int(copies.with_unmasked)
+        if first:
+            rows[:, 0] = self.last_view.unwrap_output(output)[:, :P]
+        if copies.cells:
+            masks = strategy.options.masks(grid, P, x)[list(copies.cells)]
+            shared, level_index = strategy.shared_projections(x, call, masks)
+            # a copy's distinct rows: its non-zero ones and one zeroed row, if they are all it keeps
+            width = int((masks != 0).sum(1).max()) + 1 if shared.zero_rows_alike else T
+            for image in range(n):
+                for chunk in row_chunks(masks.shape[0], _copies_per_chunk(strategy.options.batch_size, 1, width)):
+                    rows[image, chunk.start + first : chunk.stop + first] = self._copies_prefix_rows(
+                        x, shared, image, masks[chunk], level_index[chunk], later, P)
+        return self.last_view.wrap_output(output, rows.view(n * copies.count, P, D))
+
+    def _copies_prefix_rows(self, x: Tensor, shared: SharedProjections, image: int, masks: Tensor,
+                            level_index: Tensor, later: List[Tuple[BlockView, Call]], P: int) -> Tensor:
+        """``(c, P, D)``: the prefix rows of the last block's output on each masked copy in ``masks``."""
+        view, residual = self.strategy.view, self.strategy.options.residual
+        no_bias = all(v.math is not None and v.math.score_bias(v.attention_call(c)) is None for v, c in later)
+        if shared.zero_rows_alike and no_bias:
+            y, slot, log_count = distinct_block_rows(view, x, shared, image, masks, level_index, residual)
+            for later_view, later_call in later:
+                y = compressed_block(later_view, y, log_count, later_call)
+            return y.gather(1, slot[:, :P, None].expand(-1, -1, y.shape[-1]))
+        y = x.new_empty(masks.shape[0], *x.shape[1:])
+        copy_block_rows(view, x, shared, image, masks, level_index, residual, out=y)
+        for later_view, later_call in later[:-1]:
+            y = later_view.forward(later_view.norm1(y), y, later_call)
+        return block_prefix_rows(self.last_view, y, P, later[-1][1])
 
 
 def _check_block_wiring(view: BlockView, x: Tensor, call: Call, output: Tensor) -> None:
