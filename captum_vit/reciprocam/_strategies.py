@@ -311,7 +311,7 @@ class _ThroughLastBlock:
     def _prefix_rows(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         assert self.block_input is not None
         (x, call), self.block_input = self.block_input, None
-        _, last_call = self.last_view.read_call(args, kwargs)
+        calls = self.later_calls(self.last_view.read_call(args, kwargs)[1])
         strategy, copies = self.strategy, self.forward.copies
         n, T, D = x.shape
         P, grid = self.forward.layout(strategy.adapter, T, strategy.block_index)
@@ -322,18 +322,28 @@ class _ThroughLastBlock:
         if copies.cells:
             masks = strategy.options.masks(grid, P, x)[list(copies.cells)]
             shared, level_index = strategy.shared_projections(x, call, masks)
-            per_chunk = _copies_per_chunk(strategy.options.batch_size, 1, T)
-            block_rows = x.new_empty(min(per_chunk, masks.shape[0]), T, D)  # one buffer, reused while in cache
-            residual = strategy.options.residual
-            for image in range(n):
-                folded = FoldedInput.of(strategy.view, x[image]) if residual == "unmasked" else None
-                for chunk in row_chunks(masks.shape[0], per_chunk):
-                    out = block_rows[: chunk.stop - chunk.start]
-                    copy_block_rows(strategy.view, x, shared, image, masks[chunk], level_index[chunk], residual,
-                                    out=out, folded=folded)
-                    rows[image, chunk.start + first : chunk.stop + first] = block_prefix_rows(
-                        self.last_view, out, P, last_call)
+            self.fill_copies(x, shared, masks, level_index, calls, rows[:, first:])
         return self.last_view.wrap_output(output, rows.view(n * copies.count, P, D))
+
+    def later_calls(self, last_call: Call) -> List[Call]:
+        """The calls of the blocks after the explained one, given the last block's."""
+        return [last_call]
+
+    def fill_copies(self, x: Tensor, shared: SharedProjections, masks: Tensor, level_index: Tensor,
+                    calls: List[Call], into: Tensor) -> None:
+        """Write each masked copy's prefix rows of the last block's output into ``into`` (``(n, c, P, D)``)."""
+        strategy = self.strategy
+        n, T, D = x.shape
+        per_chunk = _copies_per_chunk(strategy.options.batch_size, 1, T)
+        block_rows = x.new_empty(min(per_chunk, masks.shape[0]), T, D)  # one buffer, reused while in cache
+        residual = strategy.options.residual
+        for image in range(n):
+            folded = FoldedInput.of(strategy.view, x[image]) if residual == "unmasked" else None
+            for chunk in row_chunks(masks.shape[0], per_chunk):
+                out = block_rows[: chunk.stop - chunk.start]
+                copy_block_rows(strategy.view, x, shared, image, masks[chunk], level_index[chunk], residual,
+                                out=out, folded=folded)
+                into[image, chunk] = block_prefix_rows(self.last_view, out, into.shape[2], calls[-1])
 
 
 class _ThroughLaterBlocks(_ThroughLastBlock):
@@ -366,28 +376,19 @@ class _ThroughLaterBlocks(_ThroughLastBlock):
     def _keep_call(self, view: BlockView, args: Any, kwargs: Any) -> None:
         self.calls.append(view.read_call(args, kwargs)[1])
 
-    def _prefix_rows(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
-        assert self.block_input is not None
-        (x, call), self.block_input = self.block_input, None
-        later = list(zip(self.strategy.later_views, [*self.calls, self.last_view.read_call(args, kwargs)[1]]))
-        self.calls = []
-        strategy, copies = self.strategy, self.forward.copies
-        n, T, D = x.shape
-        P, grid = self.forward.layout(strategy.adapter, T, strategy.block_index)
-        rows = x.new_empty(n, copies.count, P, D)
-        first = int(copies.with_unmasked)
-        if first:
-            rows[:, 0] = self.last_view.unwrap_output(output)[:, :P]
-        if copies.cells:
-            masks = strategy.options.masks(grid, P, x)[list(copies.cells)]
-            shared, level_index = strategy.shared_projections(x, call, masks)
-            # a copy's distinct rows: its non-zero ones and one zeroed row, if they are all it keeps
-            width = int((masks != 0).sum(1).max()) + 1 if shared.zero_rows_alike else T
-            for image in range(n):
-                for chunk in row_chunks(masks.shape[0], _copies_per_chunk(strategy.options.batch_size, 1, width)):
-                    rows[image, chunk.start + first : chunk.stop + first] = self._copies_prefix_rows(
-                        x, shared, image, masks[chunk], level_index[chunk], later, P)
-        return self.last_view.wrap_output(output, rows.view(n * copies.count, P, D))
+    def later_calls(self, last_call: Call) -> List[Call]:
+        calls, self.calls = [*self.calls, last_call], []
+        return calls
+
+    def fill_copies(self, x: Tensor, shared: SharedProjections, masks: Tensor, level_index: Tensor,
+                    calls: List[Call], into: Tensor) -> None:
+        later = list(zip(self.strategy.later_views, calls))
+        # a copy's distinct rows: its non-zero ones and one zeroed row, if they are all it keeps
+        width = int((masks != 0).sum(1).max()) + 1 if shared.zero_rows_alike else x.shape[1]
+        for image in range(x.shape[0]):
+            for chunk in row_chunks(masks.shape[0], _copies_per_chunk(self.strategy.options.batch_size, 1, width)):
+                into[image, chunk] = self._copies_prefix_rows(x, shared, image, masks[chunk], level_index[chunk],
+                                                              later, into.shape[2])
 
     def _copies_prefix_rows(self, x: Tensor, shared: SharedProjections, image: int, masks: Tensor,
                             level_index: Tensor, later: List[Tuple[BlockView, Call]], P: int) -> Tensor:
