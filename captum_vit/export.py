@@ -120,10 +120,17 @@ class ExplainedViT(nn.Module):
         logits, maps = self._raw(images, target)
         return logits, (minmax_normalize(maps) if self.normalize else maps)
 
+    def trunk(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` images -> ``(B, T, D)`` the last block's input: the part of the forward that no copy
+        reaches, which a runtime may compute in a faster precision than `from_block_input`."""
+        return self._adapter.forward_to_block(images, len(self._adapter.blocks) - 1)
+
     def _raw(self, images: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        return self.from_block_input(self.trunk(images), target)
+
+    def from_block_input(self, x: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The last block's input ``(B, T, D)`` -> ``(B, C)`` logits and ``(B, k, h, w)`` raw maps (not scaled)."""
         P, (h, w) = self.num_prefix_tokens, self.grid
-        index = len(self._adapter.blocks) - 1
-        x = self._adapter.forward_to_block(images, index)
         B = x.shape[0]
         view = self._view
         z = view.norm1(x)

@@ -33,6 +33,12 @@ def test_eager_maps_equal_layer_reciprocam(name):
     torch.testing.assert_close(maps, _reference(model, images), **TOL)
     target = torch.tensor([4, 9])
     torch.testing.assert_close(explained(images, target)[1], _reference(model, images, target=target), **TOL)
+    # the two parts a runtime may compute in different precisions compose to the whole
+    block_input = explained.trunk(images)
+    assert block_input.shape[0] == 2 and block_input.dim() == 3
+    split_logits, split_maps = explained.from_block_input(block_input)
+    torch.testing.assert_close(split_logits, logits, **TOL)
+    torch.testing.assert_close(split_maps, maps, **TOL)
     every = ExplainedViT(model, image_size=tuple(images.shape[-2:]), targets="all", normalize=False,
                          residual="input", scores="logits", kernel="dirac")(images)[1]
     reference = LayerReciproCAM(model, model.blocks[-1]).attribute_all_classes(
