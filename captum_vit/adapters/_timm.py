@@ -71,8 +71,8 @@ class LayerScaleBlockView(BlockView):
         plain = type(mlp) is Mlp and type(mlp.fc1) is nn.Linear and isinstance(b.norm2, nn.LayerNorm)
         if not plain or len(b.norm2.normalized_shape) != 1:
             return None
-        return MlpEntry(b.norm2, mlp.fc1, lambda h: self._branch(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(h))))),
-                                                                  "ls2", "drop_path2"))
+        rest = lambda h: mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(h)))))  # noqa: E731 - timm Mlp after fc1
+        return MlpEntry(b.norm2, mlp.fc1, lambda h: self._branch(rest(h), self.parts.scale2, self.parts.drop2))
 
 
 class TimmAttentionMath(FusedQkvAttentionMath):

@@ -29,7 +29,8 @@ from ._options import PATHS, SCORES, ReciproCAMOptions, score_copies
 from ._plan import CopySelection, plan_copies
 
 __all__ = [
-    "CopySelection", "FoldedInput", "GAUSSIAN_3X3", "KERNELS", "LayerReciproCAM", "PATHS", "RESIDUALS", "ReciproCAMEngine",
+    "CopySelection", "FoldedInput", "GAUSSIAN_3X3", "KERNELS", "LayerReciproCAM", "PATHS", "RESIDUALS",
+    "ReciproCAMEngine",
     "ReciproCAMOptions", "SCORES", "SharedProjections", "mask_levels", "plan_copies", "reciprocal_masks",
     "copy_block_rows", "folded_mlp_branch", "prefix_block_rows", "residual_rows", "score_copies",
 ]

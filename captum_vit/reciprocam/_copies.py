@@ -219,8 +219,7 @@ def copy_block_rows(
         r = residual_rows(x[image : image + 1], shared.z[image : image + 1], masks, T, residual)[0]
         out.copy_(view.finish(r, attention))
         return
-    distinct, slot, first_zero = distinct_rows(masks)
-    scaled = view.layer_scale1(shared.rows(image, masks, level_index, distinct))  # (c, r', D)
+    distinct, slot, scaled = _distinct_attention(view, shared, image, masks, level_index)
     D = scaled.shape[-1]
     if residual == "unmasked":  # every row keeps its own input: the stream is x + the row's scaled attention
         rows = (torch.arange(c, device=slot.device)[:, None] * scaled.shape[1] + slot).flatten()  # into (c * r')
@@ -229,6 +228,14 @@ def copy_block_rows(
         return
     y = _masked_residual_rows(view, x, shared, image, masks, distinct, scaled, residual)
     torch.gather(y, 1, slot[..., None].expand(c, T, D), out=out)
+
+
+def _distinct_attention(
+    view: BlockView, shared: SharedProjections, image: int, masks: Tensor, level_index: Tensor
+) -> "tuple[Tensor, Tensor, Tensor]":
+    """`distinct_rows` of ``masks`` and ``(c, r', D)`` the scaled attention at them (zeroed rows alike)."""
+    distinct, slot, _ = distinct_rows(masks)
+    return distinct, slot, view.layer_scale1(shared.rows(image, masks, level_index, distinct))
 
 
 def _masked_residual_rows(
@@ -251,8 +258,7 @@ def distinct_block_rows(
     how many rows each stands for (``-inf`` for a padding row none is).
     """
     c, T = masks.shape
-    distinct, slot, _ = distinct_rows(masks)
-    scaled = view.layer_scale1(shared.rows(image, masks, level_index, distinct))
+    distinct, slot, scaled = _distinct_attention(view, shared, image, masks, level_index)
     rows = _masked_residual_rows(view, x, shared, image, masks, distinct, scaled, residual)
     count = torch.zeros(c, distinct.shape[1], dtype=rows.dtype, device=rows.device)
     count.scatter_add_(1, slot, torch.ones(c, T, dtype=rows.dtype, device=rows.device))

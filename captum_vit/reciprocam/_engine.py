@@ -123,7 +123,7 @@ class ReciproCAMEngine:
 
     def _fingerprint(self) -> Tuple[Any, ...]:
         """What the fast strategy's proof depends on: the modules, forwards and hooks of the blocks it computes."""
-        blocks = self.adapter.blocks[self.block_index :]  # the later blocks too: with a masked residual it computes them
+        blocks = self.adapter.blocks[self.block_index :]  # the later ones too: a masked residual computes them
         return tuple(
             (id(m), type(m), m.__dict__.get("forward"), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
             for block in blocks for m in block.modules()

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -204,24 +204,37 @@ class SharedProjectionCopies(CopyStrategy):
 
     def fill_masked(self, x: Tensor, call: Call, masks: Tensor, num_prefix: int, into: Tensor) -> None:
         n, T, _ = x.shape
-        levels, level_index = mask_levels(masks)
-        shared = SharedProjections(self.view.math, self.view.norm1(x), levels, self.view.attention_call(call))
-        residual = self.options.residual
+        shared, level_index = self.shared_projections(x, call, masks)
         if self.prefix_output:  # scores of the P prefix queries, a gather per copy: all copies of an image at once
             for chunk in row_chunks(masks.shape[0], _copies_per_chunk(self.options.batch_size, n, num_prefix)):
                 into[:, chunk] = prefix_block_rows(self.view, x, shared, masks[chunk], level_index[chunk],
-                                                   num_prefix, residual)
+                                                   num_prefix, self.options.residual)
             return
-        for image in range(n):  # every row of every copy: each copy's own keys and values
+        # every row of every copy (each copy's own keys and values), written into ``into`` chunk by chunk
+        for _ in self.masked_chunks(x, shared, masks, level_index, _copies_per_chunk(None, 1, T),
+                                    lambda image, chunk: into[image, chunk]):
+            pass
+
+    def masked_chunks(
+        self, x: Tensor, shared: SharedProjections, masks: Tensor, level_index: Tensor, per_chunk: int,
+        out_for: Callable[[int, slice], Tensor],
+    ) -> Iterator[Tuple[int, slice, Tensor]]:
+        """The explained block's output on the masked copies of each image, ``per_chunk`` copies at a time:
+        ``(image, chunk, rows)`` with ``rows`` (``(c, T, D)``) written into ``out_for(image, chunk)``."""
+        residual = self.options.residual
+        for image in range(x.shape[0]):
             folded = FoldedInput.of(self.view, x[image]) if residual == "unmasked" else None
-            for chunk in row_chunks(masks.shape[0], _copies_per_chunk(None, 1, T)):
+            for chunk in row_chunks(masks.shape[0], per_chunk):
+                out = out_for(image, chunk)
                 copy_block_rows(self.view, x, shared, image, masks[chunk], level_index[chunk], residual,
-                                out=into[image, chunk], folded=folded)
+                                out=out, folded=folded)
+                yield image, chunk, out
 
     def shared_projections(self, x: Tensor, call: Call, masks: Tensor) -> Tuple[SharedProjections, Tensor]:
         """The projections every copy of ``x`` reads, and each copy's level per token."""
         levels, level_index = mask_levels(masks)
-        return SharedProjections(self.view.math, self.view.norm1(x), levels, self.view.attention_call(call)), level_index
+        shared = SharedProjections(self.view.math, self.view.norm1(x), levels, self.view.attention_call(call))
+        return shared, level_index
 
 
 def _copies_per_chunk(batch_size: Optional[int], num_images: int, rows: int) -> int:
@@ -332,18 +345,13 @@ class _ThroughLastBlock:
     def fill_copies(self, x: Tensor, shared: SharedProjections, masks: Tensor, level_index: Tensor,
                     calls: List[Call], into: Tensor) -> None:
         """Write each masked copy's prefix rows of the last block's output into ``into`` (``(n, c, P, D)``)."""
-        strategy = self.strategy
-        n, T, D = x.shape
-        per_chunk = _copies_per_chunk(strategy.options.batch_size, 1, T)
+        _, T, D = x.shape
+        per_chunk = _copies_per_chunk(self.strategy.options.batch_size, 1, T)
         block_rows = x.new_empty(min(per_chunk, masks.shape[0]), T, D)  # one buffer, reused while in cache
-        residual = strategy.options.residual
-        for image in range(n):
-            folded = FoldedInput.of(strategy.view, x[image]) if residual == "unmasked" else None
-            for chunk in row_chunks(masks.shape[0], per_chunk):
-                out = block_rows[: chunk.stop - chunk.start]
-                copy_block_rows(strategy.view, x, shared, image, masks[chunk], level_index[chunk], residual,
-                                out=out, folded=folded)
-                into[image, chunk] = block_prefix_rows(self.last_view, out, into.shape[2], calls[-1])
+        chunks = self.strategy.masked_chunks(x, shared, masks, level_index, per_chunk,
+                                             lambda image, chunk: block_rows[: chunk.stop - chunk.start])
+        for image, chunk, rows in chunks:
+            into[image, chunk] = block_prefix_rows(self.last_view, rows, into.shape[2], calls[-1])
 
 
 class _ThroughLaterBlocks(_ThroughLastBlock):
@@ -383,28 +391,25 @@ class _ThroughLaterBlocks(_ThroughLastBlock):
     def fill_copies(self, x: Tensor, shared: SharedProjections, masks: Tensor, level_index: Tensor,
                     calls: List[Call], into: Tensor) -> None:
         later = list(zip(self.strategy.later_views, calls))
-        # a copy's distinct rows: its non-zero ones and one zeroed row, if they are all it keeps
-        width = int((masks != 0).sum(1).max()) + 1 if shared.zero_rows_alike else x.shape[1]
+        no_bias = all(v.math is not None and v.math.score_bias(v.attention_call(c)) is None for v, c in later)
+        if not (shared.zero_rows_alike and no_bias):  # a position term: the copies cross the later blocks whole
+            per_chunk = _copies_per_chunk(self.strategy.options.batch_size, 1, x.shape[1])
+            fresh = lambda image, chunk: x.new_empty(chunk.stop - chunk.start, *x.shape[1:])  # noqa: E731
+            chunks = self.strategy.masked_chunks(x, shared, masks, level_index, per_chunk, fresh)
+            for image, chunk, y in chunks:
+                for later_view, later_call in later[:-1]:
+                    y = later_view.forward(later_view.norm1(y), y, later_call)
+                into[image, chunk] = block_prefix_rows(self.last_view, y, into.shape[2], calls[-1])
+            return
+        width = int((masks != 0).sum(1).max()) + 1  # a copy's distinct rows: its non-zero ones and one zeroed row
+        view, residual, P = self.strategy.view, self.strategy.options.residual, into.shape[2]
         for image in range(x.shape[0]):
             for chunk in row_chunks(masks.shape[0], _copies_per_chunk(self.strategy.options.batch_size, 1, width)):
-                into[image, chunk] = self._copies_prefix_rows(x, shared, image, masks[chunk], level_index[chunk],
-                                                              later, into.shape[2])
-
-    def _copies_prefix_rows(self, x: Tensor, shared: SharedProjections, image: int, masks: Tensor,
-                            level_index: Tensor, later: List[Tuple[BlockView, Call]], P: int) -> Tensor:
-        """``(c, P, D)``: the prefix rows of the last block's output on each masked copy in ``masks``."""
-        view, residual = self.strategy.view, self.strategy.options.residual
-        no_bias = all(v.math is not None and v.math.score_bias(v.attention_call(c)) is None for v, c in later)
-        if shared.zero_rows_alike and no_bias:
-            y, slot, log_count = distinct_block_rows(view, x, shared, image, masks, level_index, residual)
-            for later_view, later_call in later:
-                y = compressed_block(later_view, y, log_count, later_call)
-            return y.gather(1, slot[:, :P, None].expand(-1, -1, y.shape[-1]))
-        y = x.new_empty(masks.shape[0], *x.shape[1:])
-        copy_block_rows(view, x, shared, image, masks, level_index, residual, out=y)
-        for later_view, later_call in later[:-1]:
-            y = later_view.forward(later_view.norm1(y), y, later_call)
-        return block_prefix_rows(self.last_view, y, P, later[-1][1])
+                y, slot, log_count = distinct_block_rows(view, x, shared, image, masks[chunk], level_index[chunk],
+                                                         residual)
+                for later_view, later_call in later:
+                    y = compressed_block(later_view, y, log_count, later_call)
+                into[image, chunk] = y.gather(1, slot[:, :P, None].expand(-1, -1, y.shape[-1]))
 
 
 def _check_block_wiring(view: BlockView, x: Tensor, call: Call, output: Tensor) -> None:
