@@ -54,6 +54,15 @@ class KeyValueMaps:
     value_weight: Tensor
     value_bias: Optional[Tensor]
 
+    @classmethod
+    def of_fused(cls, weight: Tensor, bias: Optional[Tensor], num_heads: int, head_dim: int) -> "KeyValueMaps":
+        """From a fused ``(3 H d, D)`` query-key-value projection (timm's ``qkv``, ``nn.MultiheadAttention``'s
+        ``in_proj``), its rows in the order queries, keys, values."""
+        width = num_heads * head_dim
+        return cls(weight[width : 2 * width].view(num_heads, head_dim, -1),
+                   weight[2 * width :].view(num_heads, head_dim, -1),
+                   None if bias is None else bias[2 * width :].view(num_heads, head_dim))
+
 
 class AttentionMath:
     r"""Explicit self-attention of one module, from the family's own parts.

@@ -41,10 +41,7 @@ class MultiheadAttentionMath(AttentionMath):
 
     def key_value_maps(self, call: Call) -> Optional[KeyValueMaps]:
         m = self.module
-        H, d, D = self.num_heads, self.head_dim, m.embed_dim
-        weight, bias = m.in_proj_weight, m.in_proj_bias
-        return KeyValueMaps(weight[D : 2 * D].view(H, d, D), weight[2 * D :].view(H, d, D),
-                            None if bias is None else bias[2 * D :].view(H, d))
+        return KeyValueMaps.of_fused(m.in_proj_weight, m.in_proj_bias, self.num_heads, self.head_dim)
 
     def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         return self.module.out_proj(merged)

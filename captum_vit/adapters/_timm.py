@@ -46,10 +46,7 @@ class FusedQkvAttentionMath(AttentionMath):
         plain = type(m.qkv) is nn.Linear and isinstance(m.k_norm, nn.Identity)
         if not plain or type(self).project is not FusedQkvAttentionMath.project:  # a subclass's own projection
             return None
-        H, d, width = self.num_heads, self.head_dim, m.qkv.out_features // 3
-        weight, bias = m.qkv.weight, m.qkv.bias
-        return KeyValueMaps(weight[width : 2 * width].view(H, d, -1), weight[2 * width :].view(H, d, -1),
-                            None if bias is None else bias[2 * width :].view(H, d))
+        return KeyValueMaps.of_fused(m.qkv.weight, m.qkv.bias, self.num_heads, self.head_dim)
 
     def finish(self, merged: Tensor, x: Optional[Tensor]) -> Tensor:
         return self.module.proj_drop(self.module.proj(merged))
