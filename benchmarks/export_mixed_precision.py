@@ -12,14 +12,13 @@ on them); needs the ``export`` extra with OpenVINO.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+from export_speed import PlainForward, median_interleaved  # this folder's export benchmark
 
 from captum_vit.export import ExplainedViT
 
@@ -32,7 +31,7 @@ def scaled(maps: np.ndarray) -> torch.Tensor:
 
 
 class Part(torch.nn.Module):
-    """One method of a module as a module of its own, so it exports alone."""
+    """One method of `ExplainedViT` as a module of its own, so it exports alone."""
 
     def __init__(self, owner: torch.nn.Module, method: str) -> None:
         super().__init__()
@@ -65,7 +64,7 @@ def main() -> None:
     with torch.no_grad():
         block_input = explained.trunk(images)
     work, core = Path(tempfile.mkdtemp()), ov.Core()
-    plain = Part(model, "forward")
+    plain = PlainForward(model)
     graphs = {
         "plain f32": compile_onnx(core, plain, images, work / "plain.onnx", "f32", args.threads),
         "plain bf16": compile_onnx(core, plain, images, work / "plain.onnx", "bf16", args.threads),
@@ -82,22 +81,14 @@ def main() -> None:
 
     runs = {name: (lambda g=g: g(feed)) for name, g in graphs.items() if name != "explained part f32"}
     runs["mixed: trunk bf16 + explained part f32"] = mixed
-    for run in runs.values():
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    fastest = statistics.median(times["plain bf16"])
+    times = median_interleaved(runs, args.repeats)
+    fastest = times["plain bf16"]
     reference, mixed_maps = scaled(graphs["explained f32"](feed)[1]), scaled(mixed()[1])
     print(f"\n{args.model}, batch {args.batch}, {args.threads} threads, OpenVINO {ov.__version__}, "
           f"median of {args.repeats}\n")
     print("| graph | ms/image | x plain bf16 forward |")
     print("|---|---:|---:|")
-    for name, values in times.items():
-        median = statistics.median(values)
+    for name, median in times.items():
         print(f"| {name} | {1000 * median / args.batch:.1f} | {median / fastest:.2f} |")
     print(f"\nmixed maps vs the whole graph in f32 (scaled per map): max difference "
           f"{float((mixed_maps - reference).abs().max()):.3g}")

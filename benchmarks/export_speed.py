@@ -44,7 +44,8 @@ class PlainForward(torch.nn.Module):
         return self.model(images)
 
 
-def _median_interleaved(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+def median_interleaved(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Median seconds of each callable over ``repeats`` rounds that run them in turn, after one warm-up each."""
     for fn in fns.values():
         fn()  # warm-up
     times: Dict[str, List[float]] = {k: [] for k in fns}
@@ -88,7 +89,7 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             images = torch.randn(batch, 3, 224, 224)
             with torch.no_grad():
-                eager = _median_interleaved({"plain": lambda: plain(images), "explained": lambda: explained(images)},
+                eager = median_interleaved({"plain": lambda: plain(images), "explained": lambda: explained(images)},
                                             args.repeats)
             rows.append({"model": name, "batch": batch, "runtime": "PyTorch eager", **eager})
             if ort is None:
@@ -100,7 +101,7 @@ def main() -> None:
             sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                         for k, p in files.items()}
             feed = {"images": images.numpy()}
-            onnx_times = _median_interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()},
+            onnx_times = median_interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()},
                                              args.repeats)
             maps = sessions["explained"].run(None, feed)[1]
             with torch.no_grad():
@@ -115,7 +116,7 @@ def main() -> None:
                 for label, precision in (("OpenVINO f32", "f32"), ("OpenVINO bf16 (its CPU default here)", "bf16")):
                     config = {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": precision}
                     compiled = {k: core.compile_model(str(p), "CPU", config) for k, p in files.items()}
-                    ov_times = _median_interleaved({k: (lambda c=c: c(feed)) for k, c in compiled.items()},
+                    ov_times = median_interleaved({k: (lambda c=c: c(feed)) for k, c in compiled.items()},
                                                    args.repeats)
                     maps = np.asarray(compiled["explained"](feed)[1])
                     rows.append({"model": name, "batch": batch, "runtime": label, **ov_times,
